@@ -1,0 +1,182 @@
+"""Typed configuration: model architecture, generation request, runtime options.
+
+The architecture is read from the checkpoint (see models/wan/formats.py); the presets
+below are the four published Wan2.1 models and exist for benchmarks that build a model
+with random weights at the real shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightx2v.errors import LX2VError
+
+
+@dataclass(frozen=True)
+class WanArch:
+    """Architecture of a Wan2.1 DiT. Derived sizes are properties, computed from these."""
+
+    model_type: str  # "t2v" or "i2v"
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int = 16  # 16 latent channels; I2V adds 4 mask + 16 condition channels = 36
+    out_dim: int = 16
+    text_dim: int = 4096  # umT5-XXL width
+    image_dim: int = 1280  # CLIP ViT-H/14 width
+    freq_dim: int = 256
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.model_type not in ("t2v", "i2v"):
+            raise LX2VError(f"unknown model_type {self.model_type!r} (expected 't2v' or 'i2v')")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise LX2VError(f"dim {self.dim} does not split into {self.num_heads} heads of even size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Complex-pair counts per head for (frames, height, width): 22/21/21 at head dim 128."""
+        half = self.head_dim // 2
+        hw = half // 3
+        return half - 2 * hw, hw, hw
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.model_type == "i2v"
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WanArch:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(kw["patch_size"])
+        return cls(**kw)
+
+
+ARCH_PRESETS: dict[str, WanArch] = {
+    "t2v-1.3b": WanArch("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "t2v-14b": WanArch("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-14b": WanArch("i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36),
+}
+
+
+# The negative prompt the official Wan2.1 code uses when none is given (its own words, in
+# Chinese, listing artefacts to avoid).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. Defaults are the official Wan2.1 sampling defaults at 480P."""
+
+    prompt: str = "A cat walks on the grass, realistic style."
+    negative_prompt: str | None = None  # None: the official default negative prompt
+    image: str | None = None  # path; required for i2v
+    width: int = 832
+    height: int = 480
+    frames: int = 81
+    steps: int = 40
+    guidance: float = 5.0
+    shift: float = 5.0
+    seed: int = 42
+    sampler: str = "unipc"  # "unipc" or "euler"
+    fps: int = 16
+
+    def validate(self, task: str) -> None:
+        if self.width % 16 or self.height % 16:
+            raise LX2VError(
+                f"--size {self.width}x{self.height}: width and height must be divisible by 16"
+            )
+        if self.width <= 0 or self.height <= 0:
+            raise LX2VError(f"--size {self.width}x{self.height}: width and height must be positive")
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise LX2VError(f"--frames {self.frames}: must be 4n+1 (1, 5, 9, ..., 81)")
+        if self.steps < 1:
+            raise LX2VError(f"--steps {self.steps}: must be at least 1")
+        if self.sampler not in ("unipc", "euler"):
+            raise LX2VError(f"--sampler {self.sampler!r}: expected 'unipc' or 'euler'")
+        if self.fps < 1:
+            raise LX2VError(f"--fps {self.fps}: must be at least 1")
+        if task == "i2v" and not self.image:
+            raise LX2VError("task i2v needs an input image (--image PATH)")
+        if task == "t2v" and self.image:
+            raise LX2VError("an image was given but the model is text-to-video (T2V); drop --image")
+
+
+@dataclass
+class RuntimeOptions:
+    """How to run: device, precision, memory."""
+
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
+    cfg_batch: bool = True  # cond and uncond as one batch of 2
+    vae_tiling: bool = False
+    offload_encoders: bool = True  # move text/image encoders off the GPU after use
+    save_frames: str | None = None  # folder for PNG frames
+
+
+@dataclass
+class RunConfig:
+    """A whole `lx2v run` configuration: JSON file in, CLI flags override."""
+
+    model: str | None = None
+    task: str | None = None  # None: from the checkpoint
+    output: str = "output.mp4"
+    request: GenerationRequest = field(default_factory=GenerationRequest)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise LX2VError(f"config file not found: {p}") from None
+        except json.JSONDecodeError as e:
+            raise LX2VError(f"config file {p} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise LX2VError(f"config file {p}: expected a JSON object at the top level")
+        return cls.from_dict(raw, source=str(p))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        cfg = cls()
+        sections = {"request": cfg.request, "runtime": cfg.runtime}
+        for key, value in raw.items():
+            if key in sections:
+                if not isinstance(value, dict):
+                    raise LX2VError(f"{source}: '{key}' must be an object")
+                _update(sections[key], value, f"{source}: {key}")
+            elif key in ("model", "task", "output"):
+                setattr(cfg, key, value)
+            else:
+                raise LX2VError(f"{source}: unknown key '{key}'")
+        return cfg
+
+
+def _update(obj: Any, values: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        if k not in names:
+            raise LX2VError(f"{where}: unknown key '{k}' (known: {', '.join(sorted(names))})")
+        setattr(obj, k, v)

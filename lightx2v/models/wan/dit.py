@@ -1,0 +1,334 @@
+"""The Wan2.1 diffusion transformer, top to bottom.
+
+Parameter names equal the official Wan2.1 checkpoint's, so an official state dict loads
+as it is; formats.py maps the diffusers names onto these.
+
+Precision (as the official code does it): the residual stream, norms, modulation, time
+embedding and head run in fp32; the matrix products and attention run in the weights'
+dtype (bf16 on GPU). `WanDiT.cast(dtype)` applies that policy to the parameters.
+
+Transformations (quantized linears, fused projections, offload, compile) are applied to a
+built model by replacing modules; nothing here knows about them. The attention modules
+expose `project_qkv` / `project_kv` so a fused-projection subclass can replace them.
+
+Shapes: B batch, C channels, F/H/W latent frames/height/width, L = F·H·W/4 tokens,
+D model width, N heads, Dh head dim (128), T text tokens (512), I image tokens (257).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightx2v.config import WanArch
+from lightx2v.ops.attention import attention
+
+
+# ---------------------------------------------------------------------------------------
+# position and time encodings
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B] → [B, dim] as [cos | sin], computed in float64 like the original."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def rope_angles(arch: WanArch, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Rotation angles [L, Dh/2] for a (F, H, W) token grid.
+
+    Each head's Dh/2 complex pairs are split over frames/height/width (22/21/21 at Dh=128);
+    pair j of an axis with n pairs turns by pos · 10000^(-j/n).
+    """
+    f, h, w = grid
+    angles = []
+    for size, n in zip(grid, arch.rope_dims):
+        inv = torch.pow(10000.0, -torch.arange(n, dtype=torch.float64, device=device) / n)
+        angles.append(torch.arange(size, dtype=torch.float64, device=device)[:, None] * inv)
+    af, ah, aw = angles
+    full = torch.cat(
+        [
+            af[:, None, None, :].expand(f, h, w, -1),
+            ah[None, :, None, :].expand(f, h, w, -1),
+            aw[None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    )
+    return full.reshape(f * h * w, -1)
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (real, imag) pairs of x [B, L, N, Dh] by angles given as cos/sin [L, 1, Dh/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, N, Dh/2, 2]
+    re, im = xf[..., 0], xf[..., 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# layers
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a weight, statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """LayerNorm in fp32; affine when `norm` (whose weight/bias are used) is given."""
+    if norm is None:
+        return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q(x), self.k(x), self.v(x)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)  # [B, L, D] each
+        q = self.norm_q(q).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
+        k = self.norm_k(k).unflatten(-1, (self.num_heads, -1))
+        v = v.unflatten(-1, (self.num_heads, -1))
+        out = attention(rope_apply(q, cos, sin), rope_apply(k, cos, sin), v)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens, plus (I2V) a separate image-token branch."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if with_image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k(context), self.v(context)
+
+    def project_kv_img(self, context_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_img(context_img), self.v_img(context_img)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None
+    ) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, N, Dh]
+        k, v = self.project_kv(context)  # [B, T, D]
+        out = attention(q, self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads))
+        if context_img is not None:
+            k_img, v_img = self.project_kv_img(context_img)  # [B, I, D]
+            k_img = self.norm_k_img(k_img).unflatten(-1, heads)
+            out = out + attention(q, k_img, v_img.unflatten(-1, heads))
+        return self.o(out.flatten(2))
+
+
+class FeedForward(nn.Sequential):
+    """Linear → GELU(tanh) → Linear; indices 0 and 2 match the official parameter names."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+
+class WanBlock(nn.Module):
+    """x += gate·SelfAttn(mod(LN(x))); x += CrossAttn(LN'(x)); x += gate·FFN(mod(LN(x)))."""
+
+    def __init__(self, arch: WanArch):
+        super().__init__()
+        d = arch.dim
+        self.eps = arch.eps
+        self.self_attn = SelfAttention(d, arch.num_heads, arch.eps)
+        self.norm3 = nn.LayerNorm(d, eps=arch.eps)  # affine, before cross-attention
+        self.cross_attn = CrossAttention(d, arch.num_heads, arch.eps, arch.is_i2v)
+        self.ffn = FeedForward(d, arch.ffn_dim)
+        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, L, D] fp32 residual stream
+        e: torch.Tensor,  # [B, 6, D] fp32 projected time embedding
+        cos: torch.Tensor,  # [L, 1, Dh/2]
+        sin: torch.Tensor,
+        context: torch.Tensor,  # [B, T, D]
+        context_img: torch.Tensor | None,  # [B, I, D]
+    ) -> torch.Tensor:
+        dt = context.dtype  # the compute dtype (embed_context casts to it)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)
+        h = layer_norm(x, self.eps) * (1 + scale1[:, None]) + shift1[:, None]
+        x = x + self.self_attn(h.to(dt), cos, sin).float() * gate1[:, None]
+        h = layer_norm(x, self.eps, self.norm3)
+        x = x + self.cross_attn(h.to(dt), context, context_img).float()
+        h = layer_norm(x, self.eps) * (1 + scale2[:, None]) + shift2[:, None]
+        return x + self.ffn(h.to(dt)).float() * gate2[:, None]
+
+
+class Head(nn.Module):
+    def __init__(self, arch: WanArch):
+        super().__init__()
+        self.eps = arch.eps
+        self.head = nn.Linear(arch.dim, math.prod(arch.patch_size) * arch.out_dim)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, arch.dim))
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + t_emb[:, None].float()).unbind(1)
+        h = layer_norm(x, self.eps) * (1 + scale[:, None]) + shift[:, None]
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP tokens → model width: LN, Linear, GELU, Linear, LN (official: img_emb.proj.*)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(image_dim),
+            nn.Linear(image_dim, image_dim),
+            nn.GELU(),
+            nn.Linear(image_dim, dim),
+            nn.LayerNorm(dim),
+        )
+
+    def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        ln0, fc1, _, fc2, ln4 = self.proj
+        h = layer_norm(clip_tokens, ln0.eps, ln0).to(fc1.weight.dtype)
+        h = fc2(F.gelu(fc1(h)))
+        return layer_norm(h, ln4.eps, ln4).to(fc2.weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# the model
+
+
+class WanDiT(nn.Module):
+    """forward(x, t, context, clip_tokens?, y?) → flow prediction [B, out_dim, F, H, W] fp32."""
+
+    def __init__(self, arch: WanArch):
+        super().__init__()
+        self.arch = arch
+        d = arch.dim
+        self.patch_embedding = nn.Conv3d(
+            arch.in_dim, d, kernel_size=arch.patch_size, stride=arch.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(arch.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(arch.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(arch) for _ in range(arch.num_layers))
+        self.head = Head(arch)
+        if arch.is_i2v:
+            self.img_emb = ImageEmbedding(arch.image_dim, d)
+
+    # -- precision policy --------------------------------------------------------------
+
+    def cast(self, dtype: torch.dtype) -> WanDiT:
+        """Matrix-product weights to `dtype`; norms, modulation, time embedding, head to fp32."""
+        self.to(dtype)
+        keep_fp32 = [self.time_embedding, self.time_projection, self.head]
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, RMSNorm)):
+                keep_fp32.append(m)
+        for m in keep_fp32:
+            m.float()
+        for block in self.blocks:
+            block.modulation.data = block.modulation.data.float()
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # -- pieces, usable on their own by runtimes ---------------------------------------
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] → (t_emb [B, D], e [B, 6, D]), both fp32."""
+        sin = timestep_embedding(t, self.arch.freq_dim)
+        fc1, _, fc2 = self.time_embedding
+        t_emb = F.linear(F.silu(F.linear(sin, fc1.weight.float(), fc1.bias.float())),
+                         fc2.weight.float(), fc2.bias.float())  # fmt: skip
+        proj = self.time_projection[1]
+        e = F.linear(F.silu(t_emb), proj.weight.float(), proj.bias.float())
+        return t_emb, e.unflatten(1, (6, self.arch.dim))
+
+    def embed_context(
+        self, context: torch.Tensor, clip_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text [B, T, text_dim] and CLIP tokens [B, I, image_dim] → model width."""
+        dt = self.compute_dtype
+        ctx = self.text_embedding(context.to(dt))
+        ctx_img = None
+        if self.arch.is_i2v:
+            if clip_tokens is None:
+                raise ValueError("an I2V model needs clip_tokens")
+            ctx_img = self.img_emb(clip_tokens.to(dt))
+        return ctx, ctx_img
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device):
+        ang = rope_angles(self.arch, grid, device)[:, None, :]  # [L, 1, Dh/2]
+        return ang.cos().float(), ang.sin().float()
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, C, F, H, W] → tokens [B, L, D] fp32 and the token grid."""
+        x = self.patch_embedding(x.to(self.compute_dtype))  # [B, D, F, H/2, W/2]
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2).float(), grid
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, pf·ph·pw·C] → [B, C, F·pf, H·ph, W·pw]."""
+        pf, ph, pw = self.arch.patch_size
+        f, h, w = grid
+        x = x.view(x.shape[0], f, h, w, pf, ph, pw, self.arch.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], self.arch.out_dim, f * pf, h * ph, w * pw)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, C_lat, F, H, W] noisy latents
+        t: torch.Tensor,  # [B] timesteps in [0, 1000]
+        context: torch.Tensor,  # [B, T, text_dim] text encoder output, zero-padded
+        clip_tokens: torch.Tensor | None = None,  # [B, I, image_dim] (I2V)
+        y: torch.Tensor | None = None,  # [B, 20, F, H, W] mask + image latents (I2V)
+    ) -> torch.Tensor:
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != self.arch.in_dim:
+            raise ValueError(f"expected {self.arch.in_dim} input channels, got {x.shape[1]}")
+        tokens, grid = self.patchify(x)
+        cos, sin = self.rope(grid, x.device)
+        t_emb, e = self.embed_time(t.expand(x.shape[0]) if t.dim() == 0 else t)
+        ctx, ctx_img = self.embed_context(context, clip_tokens)
+        for block in self.blocks:
+            tokens = block(tokens, e, cos, sin, ctx, ctx_img)
+        return self.unpatchify(self.head(tokens, t_emb), grid)
