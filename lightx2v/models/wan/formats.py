@@ -187,6 +187,13 @@ class Checkpoint:
     vae: Path  # official: .pth; diffusers: folder
     image_encoder: Path | None = None  # I2V only
     image_processor: Path | None = None
+    # how the encoders/VAE are stored: "official" (.pth files) or "diffusers" (folders);
+    # converted checkpoints store them diffusers-style as safetensors
+    component_layout: str = ""
+
+    def __post_init__(self):
+        if not self.component_layout:
+            self.component_layout = OFFICIAL if self.layout == OFFICIAL else DIFFUSERS
 
     @property
     def task(self) -> str:
@@ -350,8 +357,13 @@ def load_dit_weights(model: torch.nn.Module, src: SafetensorsSource, where: Path
 
 
 def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Build our WanDiT from a checkpoint (official or diffusers layout)."""
+    """Build our WanDiT from a checkpoint (official, diffusers or converted layout)."""
     from lightx2v.models.wan.dit import WanDiT
+
+    if ckpt.layout == LX2V:
+        from lightx2v.quant.layout import load_converted_dit
+
+        return load_converted_dit(ckpt, dtype, device)
 
     with torch.device("meta"):
         model = WanDiT(ckpt.arch)
