@@ -38,7 +38,9 @@ class WanArch:
         if self.model_type not in ("t2v", "i2v"):
             raise LX2VError(f"unknown model_type {self.model_type!r} (expected 't2v' or 'i2v')")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise LX2VError(f"dim {self.dim} does not split into {self.num_heads} heads of even size")
+            raise LX2VError(
+                f"dim {self.dim} does not split into {self.num_heads} heads of even size"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -117,9 +119,9 @@ class GenerationRequest:
             raise LX2VError(f"--sampler {self.sampler!r}: expected 'unipc' or 'euler'")
         if self.fps < 1:
             raise LX2VError(f"--fps {self.fps}: must be at least 1")
-        if task == "i2v" and not self.image:
+        if task == "i2v" and self.image is None:
             raise LX2VError("task i2v needs an input image (--image PATH)")
-        if task == "t2v" and self.image:
+        if task == "t2v" and self.image is not None:
             raise LX2VError("an image was given but the model is text-to-video (T2V); drop --image")
 
 

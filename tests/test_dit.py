@@ -40,7 +40,9 @@ def diffusers_model(arch: WanArch, seed: int) -> WanTransformer3DModel:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():  # every parameter random, norms and zero-init heads included
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.2) + (p.dim() == 1))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.2) + (p.dim() == 1)
+            )
     return m.eval()
 
 

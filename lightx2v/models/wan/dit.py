@@ -26,7 +26,6 @@ from torch import nn
 from lightx2v.config import WanArch
 from lightx2v.ops.attention import attention
 
-
 # ---------------------------------------------------------------------------------------
 # position and time encodings
 
@@ -47,7 +46,7 @@ def rope_angles(arch: WanArch, grid: tuple[int, int, int], device: torch.device)
     """
     f, h, w = grid
     angles = []
-    for size, n in zip(grid, arch.rope_dims):
+    for size, n in zip(grid, arch.rope_dims, strict=True):
         inv = torch.pow(10000.0, -torch.arange(n, dtype=torch.float64, device=device) / n)
         angles.append(torch.arange(size, dtype=torch.float64, device=device)[:, None] * inv)
     af, ah, aw = angles
@@ -159,7 +158,9 @@ class FeedForward(nn.Sequential):
     """Linear → GELU(tanh) → Linear; indices 0 and 2 match the official parameter names."""
 
     def __init__(self, dim: int, ffn_dim: int):
-        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        super().__init__(
+            nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
+        )
 
 
 class WanBlock(nn.Module):

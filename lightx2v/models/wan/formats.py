@@ -277,7 +277,9 @@ def _open_official(root: Path) -> Checkpoint:
         text_encoder=root / "models_t5_umt5-xxl-enc-bf16.pth",
         tokenizer=root / "google" / "umt5-xxl",
         vae=root / "Wan2.1_VAE.pth",
-        image_encoder=root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth" if i2v else None,
+        image_encoder=root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+        if i2v
+        else None,
         image_processor=None,
     )
 
@@ -334,7 +336,9 @@ def _check_keys(expected: set[str], found: set[str], where: Path) -> None:
             parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}")
-        raise CheckpointError(f"DiT weights in {where} do not match the architecture: " + "; ".join(parts))
+        raise CheckpointError(
+            f"DiT weights in {where} do not match the architecture: " + "; ".join(parts)
+        )
 
 
 def load_dit_weights(model: torch.nn.Module, src: SafetensorsSource, where: Path, device) -> None:

@@ -1,0 +1,311 @@
+"""`lx2v`: run | convert | verify | info. One place for every command and flag."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+from lightx2v import __version__
+from lightx2v.config import RunConfig
+from lightx2v.errors import LX2VError
+
+log = logging.getLogger("lightx2v")
+
+# Defaults of the embedded tiny model: small enough for a 2-core CPU in well under a minute.
+EMBEDDED_DEFAULTS = {"width": 160, "height": 96, "frames": 9, "steps": 8}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is not WIDTHxHEIGHT (e.g. 832x480)"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lx2v", description="Fast inference for Wan2.1 text/image-to-video models."
+    )
+    p.add_argument("--version", action="version", version=f"lightx2v {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser(
+        "run",
+        help="generate a video",
+        description="Generate a video. Without --model, runs the embedded tiny default model "
+        "(random weights: the video is noise) to show the whole pipeline works.",
+    )
+    r.add_argument(
+        "--model", help="checkpoint directory: official Wan2.1, diffusers, or `lx2v convert` output"
+    )
+    r.add_argument(
+        "--task",
+        choices=["t2v", "i2v"],
+        help="checked against the checkpoint; picks the embedded model (default i2v) when --model is absent",
+    )
+    r.add_argument("--config", help="JSON file with run settings; flags given here override it")
+    r.add_argument("--prompt", help="text prompt")
+    r.add_argument("--negative-prompt", help="negative prompt (default: the official Wan2.1 one)")
+    r.add_argument("--image", help="input image for i2v (jpg/png)")
+    r.add_argument(
+        "--size",
+        type=parse_size,
+        metavar="WxH",
+        help="video size, divisible by 16 (default 832x480)",
+    )
+    r.add_argument("--frames", type=int, help="number of frames, 4n+1 (default 81 = 5 s at 16 fps)")
+    r.add_argument("--steps", type=int, help="sampling steps (default 40)")
+    r.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale; 1 disables CFG (default 5)"
+    )
+    r.add_argument(
+        "--shift",
+        type=float,
+        help="timestep shift of the flow schedule (default 5; 3 suits 480P T2V)",
+    )
+    r.add_argument("--seed", type=int, help="random seed (default 42)")
+    r.add_argument(
+        "--sampler",
+        choices=["unipc", "euler"],
+        help="sampler (default unipc, as the official code)",
+    )
+    r.add_argument("--fps", type=int, help="frames per second of the written video (default 16)")
+    r.add_argument("-o", "--output", help="output .mp4 path (default output.mp4)")
+    r.add_argument("--save-frames", metavar="DIR", help="also write every frame as PNG into DIR")
+    r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    r.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        help="DiT precision (auto: bf16 on GPU, fp32 on CPU)",
+    )
+    r.add_argument(
+        "--cfg-sequential",
+        action="store_true",
+        help="run cond and uncond one after the other (less memory) instead of as a batch of 2",
+    )
+    r.add_argument(
+        "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory, slower)"
+    )
+    r.add_argument("--attention", help="attention backend (default sdpa; `lx2v info` lists them)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("convert", help="convert a checkpoint into per-block FP8/INT8/bf16 shards",
+                       description="Convert an official or diffusers Wan2.1 checkpoint into lightx2v's layout.")  # fmt: skip
+    c.add_argument("--model", required=True, help="source checkpoint directory")
+    c.add_argument(
+        "--out", required=True, help="destination directory (written as OUT.partial, then renamed)"
+    )
+    c.add_argument(
+        "--quant",
+        choices=["fp8", "int8", "bf16"],
+        default="fp8",
+        help="weight format (default fp8)",
+    )
+    c.add_argument(
+        "--keep-high-precision",
+        default="",
+        metavar="BLOCKS",
+        help="comma-separated block indices kept in bf16, e.g. 0,39",
+    )
+    c.add_argument("--force", action="store_true", help="replace an existing OUT")
+    c.add_argument("--report", action="store_true", help="print per-layer quantization error")
+
+    v = sub.add_parser(
+        "verify", help="check every file of a converted checkpoint against its sha256"
+    )
+    v.add_argument("path", help="converted checkpoint directory")
+
+    sub.add_parser("info", help="versions, devices and which backends/kernels are active")
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from lightx2v.io import check_output_path, demo_image
+    from lightx2v.pipeline import WanPipeline
+
+    cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
+    req, rt = cfg.request, cfg.runtime
+    model = args.model or cfg.model
+    task = args.task or cfg.task
+    embedded = model is None
+    if embedded:
+        from lightx2v.models.wan.tiny import embedded_checkpoint
+
+        task = task or "i2v"
+        for k, v in EMBEDDED_DEFAULTS.items():
+            if k not in (cfg_request_keys(args.config)):
+                setattr(req, k, v)
+        print(
+            f"lx2v: no --model given: using the embedded tiny {task.upper()} model. Its weights are "
+            "RANDOM, so the video is noise; it shows the pipeline works end to end. Pass "
+            "--model DIR with a real Wan2.1 checkpoint for real videos.",
+            file=sys.stderr,
+        )
+        model = str(embedded_checkpoint(task))
+    overrides = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "image": args.image,
+        "frames": args.frames, "steps": args.steps, "guidance": args.guidance,
+        "shift": args.shift, "seed": args.seed, "sampler": args.sampler, "fps": args.fps,
+    }  # fmt: skip
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(req, k, v)
+    if args.size:
+        req.width, req.height = args.size
+    if args.device:
+        rt.device = args.device
+    if args.dtype:
+        rt.dtype = args.dtype
+    if args.cfg_sequential:
+        rt.cfg_batch = False
+    if args.vae_tiling:
+        rt.vae_tiling = True
+    if args.save_frames:
+        rt.save_frames = args.save_frames
+    output = args.output or cfg.output
+    if args.attention:
+        from lightx2v.ops.attention import set_attention_backend
+
+        set_attention_backend(args.attention)
+
+    # Everything checkable is checked before any weight is loaded.
+    check_output_path(output)
+    from lightx2v.models.wan.formats import open_checkpoint
+
+    ckpt = open_checkpoint(model)
+    if task and task != ckpt.task:
+        raise LX2VError(f"--task {task} but {ckpt.root} holds a {ckpt.task.upper()} model")
+    if embedded and ckpt.task == "i2v" and req.image is None:
+        req.image = demo_image(req.height, req.width)
+    req.validate(ckpt.task)
+    if isinstance(req.image, str):
+        from lightx2v.io import load_image
+
+        load_image(req.image)  # unreadable image → error now, not after loading 30 GB
+
+    pipe = WanPipeline(ckpt, rt)
+    print(f"lx2v: {ckpt.task.upper()} {ckpt.layout} checkpoint {ckpt.root} on {pipe.device} "
+          f"({str(pipe.dtype).removeprefix('torch.')}), {req.width}x{req.height}, {req.frames} frames, "
+          f"{req.steps} steps", file=sys.stderr)  # fmt: skip
+    result = pipe.generate(req, progress=not args.quiet)
+    out = result.save(output, rt.save_frames)
+    print(f"lx2v: wrote {out} ({req.frames} frames, {req.width}x{req.height}, {req.fps} fps)")
+    print(f"lx2v: {result.summary()}")
+    return 0
+
+
+def cfg_request_keys(config_path: str | None) -> set[str]:
+    """Request keys a config file sets explicitly (those win over the embedded defaults)."""
+    if not config_path:
+        return set()
+    raw = json.loads(Path(config_path).read_text())
+    return set(raw.get("request", {}))
+
+
+def cmd_convert(args) -> int:
+    from lightx2v.quant.convert import convert
+
+    try:
+        keep = [int(b) for b in args.keep_high_precision.split(",") if b.strip()]
+    except ValueError:
+        raise LX2VError(
+            f"--keep-high-precision {args.keep_high_precision!r}: expected block indices like 0,39"
+        ) from None
+    out = convert(args.model, args.out, quant=args.quant, keep_high_precision=keep,
+                  force=args.force, report=args.report, progress=True)  # fmt: skip
+    print(f"lx2v: wrote {out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from lightx2v.quant.layout import verify
+
+    verify(args.path)
+    print(f"lx2v: {args.path}: every file matches its manifest hash")
+    return 0
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from lightx2v.ops.attention import attention_backend, available_attention_backends
+
+    print(f"lightx2v {__version__}  python {platform.python_version()}  {platform.platform()}")
+    for pkg in ("torch", "triton", "diffusers", "transformers", "safetensors", "tokenizers", "av"):
+        print(f"  {pkg:<13} {_version(pkg)}")
+    print(f"  cuda (torch)  {torch.version.cuda or 'none (CPU build)'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            print(f"  gpu {i}: {prop.name}, compute capability {prop.major}.{prop.minor}, "
+                  f"{prop.total_memory / 2**30:.0f} GiB")  # fmt: skip
+    else:
+        print("  gpu: none")
+    print("optional backends (found / not found):")
+    for mod in ("sageattention", "flash_attn", "sgl_kernel", "flashinfer"):
+        found = importlib.util.find_spec(mod) is not None
+        print(f"  {mod:<13} {'found' if found else 'not found'}")
+    ext = importlib.util.find_spec("lightx2v._C") is not None
+    print(f"lightx2v._C (CUDA ops): {'built' if ext else 'not built (pure-Python install)'}")
+    print(
+        f"attention: active {attention_backend()}; available {', '.join(available_attention_backends())}"
+    )
+    try:
+        from lightx2v.ops import kernel_report
+    except ImportError:
+        kernel_report = None
+    if kernel_report is not None:
+        for op, backend in kernel_report().items():
+            print(f"  op {op:<20} {backend}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "convert": cmd_convert, "verify": cmd_verify, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="lx2v: %(message)s", stream=sys.stderr)  # fmt: skip
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except LX2VError as e:
+        print(f"lx2v: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lx2v: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            print("lx2v: error: GPU out of memory; try a smaller --size or --frames, "
+                  "--cfg-sequential, --vae-tiling, or a converted FP8 checkpoint", file=sys.stderr)  # fmt: skip
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
