@@ -1,0 +1,154 @@
+"""Every bad input: one clear error line, a non-zero exit, nothing written."""
+
+import shutil
+
+import pytest
+import torch
+
+from lightx2v.cli import main
+
+SMALL = ["--size", "48x32", "--frames", "5", "--steps", "1", "-q"]
+
+
+def run_cli(args, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    rc = main(["run", *args, "-o", str(out)] if "-o" not in args else ["run", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("lx2v: error:")]
+    return rc, errors, out
+
+
+def assert_fails(args, tmp_path, capsys, *needles):
+    rc, errors, out = run_cli(args, tmp_path, capsys)
+    assert rc != 0
+    assert len(errors) == 1, errors
+    for n in needles:
+        assert n in errors[0], errors[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.mp4")]
+    return errors[0]
+
+
+@pytest.fixture
+def copy_ckpt(tiny_ckpts, tmp_path):
+    def make(task="t2v", layout="official"):
+        dst = tmp_path / f"copy-{task}-{layout}"
+        shutil.copytree(tiny_ckpts[task, layout], dst)
+        return dst
+
+    return make
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert_fails(["--model", str(tmp_path / "nope"), *SMALL], tmp_path, capsys, "does not exist")
+
+
+def test_unknown_model_dir(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hi")
+    assert_fails(["--model", str(tmp_path / "junk"), *SMALL], tmp_path, capsys, "not a Wan2.1 checkpoint")
+
+
+def test_missing_component_file(copy_ckpt, tmp_path, capsys):
+    ck = copy_ckpt()
+    (ck / "Wan2.1_VAE.pth").unlink()
+    assert_fails(["--model", str(ck), *SMALL], tmp_path, capsys, "Wan2.1_VAE.pth")
+
+
+def test_corrupt_safetensors(copy_ckpt, tmp_path, capsys):
+    ck = copy_ckpt()
+    f = ck / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    assert_fails(["--model", str(ck), *SMALL], tmp_path, capsys, "diffusion_pytorch_model.safetensors")
+
+
+def test_missing_and_unexpected_dit_keys(copy_ckpt, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_ckpt()
+    f = ck / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    sd.pop("blocks.1.ffn.2.weight")
+    sd["blocks.1.extra.weight"] = torch.zeros(1)
+    save_file(sd, f)
+    msg = assert_fails(["--model", str(ck), *SMALL], tmp_path, capsys, "blocks.1.ffn.2.weight")
+    assert "blocks.1.extra.weight" in msg
+
+
+def test_i2v_without_image(tiny_ckpts, tmp_path, capsys):
+    assert_fails(["--model", str(tiny_ckpts["i2v", "official"]), *SMALL], tmp_path, capsys, "--image")
+
+
+def test_image_for_t2v(tiny_ckpts, tmp_path, capsys):
+    img = tmp_path / "i.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), "--image", str(img), *SMALL], tmp_path, capsys, "T2V")
+
+
+def test_task_mismatch(tiny_ckpts, tmp_path, capsys):
+    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), "--task", "i2v", *SMALL], tmp_path, capsys, "T2V model")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--size", "50x32"], "divisible by 16"),
+        (["--frames", "6"], "4n+1"),
+        (["--steps", "0"], "at least 1"),
+    ],
+)
+def test_bad_request(tiny_ckpts, tmp_path, capsys, flags, needle):
+    args = ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, *flags]
+    assert_fails(args, tmp_path, capsys, needle)
+
+
+def test_unreadable_image(tiny_ckpts, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert_fails(["--model", str(tiny_ckpts["i2v", "official"]), "--image", str(bad), *SMALL], tmp_path, capsys, "cannot read image")
+    assert_fails(["--model", str(tiny_ckpts["i2v", "official"]), "--image", str(tmp_path / "no.png"), *SMALL], tmp_path, capsys, "image not found")
+
+
+def test_unwritable_output(tiny_ckpts, tmp_path, capsys):
+    out = tmp_path / "missing-dir" / "o.mp4"
+    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(out)], tmp_path, capsys, "does not exist")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        import os
+
+        if os.access(ro, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as root: permission bits do not stop writes")
+        assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(ro / "o.mp4")], tmp_path, capsys, "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_must_be_mp4(tiny_ckpts, tmp_path, capsys):
+    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(tmp_path / "o.avi")], tmp_path, capsys, ".mp4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_absent(tiny_ckpts, tmp_path, capsys):
+    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "--device", "cuda"], tmp_path, capsys, "no CUDA GPU")
+
+
+def test_gpu_out_of_memory_message(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    from lightx2v.pipeline import WanPipeline
+
+    def boom(self, *a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(WanPipeline, "generate", boom)
+    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL], tmp_path, capsys, "out of memory", "--size")
+
+
+def test_bad_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"request": {"widht": 3}}')
+    assert_fails(["--config", str(cfg)], tmp_path, capsys, "widht")
+    cfg.write_text("{not json")
+    assert_fails(["--config", str(cfg)], tmp_path, capsys, "not valid JSON")
