@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Time one DiT forward at real shapes with random weights: ours vs diffusers, same run.
+
+    python tools/bench_dit.py --arch i2v-14b --size 832x480 --frames 81 --impl ours,diffusers
+
+Both models get the same random bf16 weights (ours maps the diffusers names onto its own),
+the same inputs, batch 1. Prints s/forward, peak GPU memory and the relative L2 distance
+between the two outputs; --json writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from lightx2v.config import ARCH_PRESETS, WanArch
+
+
+def diffusers_model(arch: WanArch):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        m = WanTransformer3DModel(
+            patch_size=arch.patch_size,
+            num_attention_heads=arch.num_heads,
+            attention_head_dim=arch.head_dim,
+            in_channels=arch.in_dim,
+            out_channels=arch.out_dim,
+            text_dim=arch.text_dim,
+            freq_dim=arch.freq_dim,
+            ffn_dim=arch.ffn_dim,
+            num_layers=arch.num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=arch.eps,
+            image_dim=arch.image_dim if arch.is_i2v else None,
+            added_kv_proj_dim=arch.dim if arch.is_i2v else None,
+        )
+    return m
+
+
+def random_state(model: torch.nn.Module, seed: int, device) -> dict[str, torch.Tensor]:
+    """bf16 random weights: matrices ~ N(0, 1/fan_in), vectors near their usual values."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        t = torch.empty(p.shape, device=device, dtype=torch.float32)
+        if p.dim() >= 2 and "scale_shift_table" not in name:
+            t.normal_(0, p[0].numel() ** -0.5, generator=g)
+        elif "norm" in name and name.endswith("weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0, 0.02, generator=g)
+        state[name] = t.to(torch.bfloat16)
+    return state
+
+
+def inputs(arch: WanArch, frames: int, height: int, width: int, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    x = torch.randn(1, 16, *lat, generator=g, device=device)
+    y = torch.randn(1, arch.in_dim - 16, *lat, generator=g, device=device) if arch.is_i2v else None
+    ctx = torch.randn(1, 512, arch.text_dim, generator=g, device=device)
+    clip = torch.randn(1, 257, arch.image_dim, generator=g, device=device) if arch.is_i2v else None
+    t = torch.tensor([500.0], device=device)
+    return x, t, ctx, clip, y
+
+
+def timed(fn, repeat: int) -> tuple[float, float, torch.Tensor]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()  # warm-up (cuDNN plans, allocator)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first, out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="i2v-14b", choices=sorted(ARCH_PRESETS))
+    p.add_argument("--size", default="832x480")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--impl", default="ours,diffusers")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time ours with regional torch.compile")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_dit needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    arch = ARCH_PRESETS[a.arch]
+    width, height = map(int, a.size.split("x"))
+    x, t, ctx, clip, y = inputs(arch, a.frames, height, width, dev)
+    tokens = x.shape[2] * x.shape[3] * x.shape[4] // 4
+    ref = diffusers_model(arch)
+    state = random_state(ref, 0, dev)
+    rows, outs = [], {}
+
+    def record(name, fn):
+        torch.cuda.reset_peak_memory_stats()
+        sec, first, out = timed(fn, a.repeat)
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        outs[name] = out.float()
+        rows.append({"impl": name, "s_per_forward": sec, "first_call_s": first, "peak_gb": peak})
+        print(f"{name:<22} {sec:8.3f} s/forward  first {first:7.2f} s  peak {peak:6.1f} GB", flush=True)
+
+    with torch.no_grad():
+        if "diffusers" in a.impl:
+            ref.load_state_dict(state, assign=True)
+            ref.eval()
+            hidden = torch.cat([x, y], 1) if y is not None else x
+            hid, c, cl = hidden.bfloat16(), ctx.bfloat16(), None if clip is None else clip.bfloat16()
+            record("diffusers-bf16-eager", lambda: ref(hid, t, c, encoder_hidden_states_image=cl, return_dict=False)[0])
+            del ref
+            gc.collect()
+            torch.cuda.empty_cache()
+        if "ours" in a.impl:
+            from lightx2v.models.wan.dit import WanDiT
+            from lightx2v.models.wan.formats import diffusers_to_official
+
+            with torch.device("meta"):
+                ours = WanDiT(arch)
+            ours.load_state_dict({diffusers_to_official(k): v for k, v in state.items()}, assign=True)
+            ours.cast(torch.bfloat16).eval()
+            del state
+            record("lx2v-bf16-eager", lambda: ours(x, t, ctx, clip, y))
+            if a.compile:
+                for i, blk in enumerate(ours.blocks):
+                    ours.blocks[i] = torch.compile(blk, fullgraph=True, dynamic=False)
+                record("lx2v-bf16-compiled", lambda: ours(x, t, ctx, clip, y))
+    if "diffusers-bf16-eager" in outs:
+        ref_out = outs["diffusers-bf16-eager"]
+        for row in rows:
+            o = outs[row["impl"]]
+            row["rel_l2_vs_diffusers"] = ((o - ref_out).norm() / ref_out.norm()).item()
+    print(f"\n{a.arch} {width}x{height} {a.frames} frames = {tokens} tokens, {torch.cuda.get_device_name()}")
+    print("| impl | s/forward | first call s | peak GB | rel L2 vs diffusers |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rel = r.get("rel_l2_vs_diffusers", float("nan"))
+        print(f"| {r['impl']} | {r['s_per_forward']:.3f} | {r['first_call_s']:.2f} | {r['peak_gb']:.1f} | {rel:.2e} |")
+    if a.json:
+        meta = {"arch": a.arch, "size": a.size, "frames": a.frames, "tokens": tokens,
+                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}  # fmt: skip
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
