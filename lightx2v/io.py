@@ -12,15 +12,13 @@ so an interrupted run never leaves a half-written video.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lightx2v.errors import LX2VError
+from lightx2v.fileio import atomic_file
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -69,25 +67,6 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
-@contextmanager
-def atomic_path(target: Path, suffix: str) -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it onto `target` only on success."""
-    target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise LX2VError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise LX2VError(f"output folder is not writable: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def check_output_path(path: str | Path) -> Path:
     """Fail before any work if the video cannot be written there."""
     p = Path(path)
@@ -111,7 +90,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 
     n, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise LX2VError(f"yuv420p needs even frame sizes, got {w}x{h}")
-    with atomic_path(path, ".mp4") as tmp:
+    with atomic_file(path, ".mp4") as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -141,5 +120,5 @@ def write_png_frames(frames: np.ndarray, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):
         target = folder / f"frame_{i:04d}.png"
-        with atomic_path(target, ".png") as tmp:
+        with atomic_file(target, ".png") as tmp:
             Image.fromarray(frame).save(tmp, format="PNG")

@@ -46,7 +46,9 @@ def test_missing_model_dir(tmp_path, capsys):
 def test_unknown_model_dir(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "readme.txt").write_text("hi")
-    assert_fails(["--model", str(tmp_path / "junk"), *SMALL], tmp_path, capsys, "not a Wan2.1 checkpoint")
+    assert_fails(
+        ["--model", str(tmp_path / "junk"), *SMALL], tmp_path, capsys, "not a Wan2.1 checkpoint"
+    )
 
 
 def test_missing_component_file(copy_ckpt, tmp_path, capsys):
@@ -59,7 +61,9 @@ def test_corrupt_safetensors(copy_ckpt, tmp_path, capsys):
     ck = copy_ckpt()
     f = ck / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
-    assert_fails(["--model", str(ck), *SMALL], tmp_path, capsys, "diffusion_pytorch_model.safetensors")
+    assert_fails(
+        ["--model", str(ck), *SMALL], tmp_path, capsys, "diffusion_pytorch_model.safetensors"
+    )
 
 
 def test_missing_and_unexpected_dit_keys(copy_ckpt, tmp_path, capsys):
@@ -76,7 +80,9 @@ def test_missing_and_unexpected_dit_keys(copy_ckpt, tmp_path, capsys):
 
 
 def test_i2v_without_image(tiny_ckpts, tmp_path, capsys):
-    assert_fails(["--model", str(tiny_ckpts["i2v", "official"]), *SMALL], tmp_path, capsys, "--image")
+    assert_fails(
+        ["--model", str(tiny_ckpts["i2v", "official"]), *SMALL], tmp_path, capsys, "--image"
+    )
 
 
 def test_image_for_t2v(tiny_ckpts, tmp_path, capsys):
@@ -84,11 +90,21 @@ def test_image_for_t2v(tiny_ckpts, tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(img)
-    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), "--image", str(img), *SMALL], tmp_path, capsys, "T2V")
+    assert_fails(
+        ["--model", str(tiny_ckpts["t2v", "official"]), "--image", str(img), *SMALL],
+        tmp_path,
+        capsys,
+        "T2V",
+    )
 
 
 def test_task_mismatch(tiny_ckpts, tmp_path, capsys):
-    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), "--task", "i2v", *SMALL], tmp_path, capsys, "T2V model")
+    assert_fails(
+        ["--model", str(tiny_ckpts["t2v", "official"]), "--task", "i2v", *SMALL],
+        tmp_path,
+        capsys,
+        "T2V model",
+    )
 
 
 @pytest.mark.parametrize(
@@ -107,13 +123,34 @@ def test_bad_request(tiny_ckpts, tmp_path, capsys, flags, needle):
 def test_unreadable_image(tiny_ckpts, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    assert_fails(["--model", str(tiny_ckpts["i2v", "official"]), "--image", str(bad), *SMALL], tmp_path, capsys, "cannot read image")
-    assert_fails(["--model", str(tiny_ckpts["i2v", "official"]), "--image", str(tmp_path / "no.png"), *SMALL], tmp_path, capsys, "image not found")
+    assert_fails(
+        ["--model", str(tiny_ckpts["i2v", "official"]), "--image", str(bad), *SMALL],
+        tmp_path,
+        capsys,
+        "cannot read image",
+    )
+    assert_fails(
+        [
+            "--model",
+            str(tiny_ckpts["i2v", "official"]),
+            "--image",
+            str(tmp_path / "no.png"),
+            *SMALL,
+        ],
+        tmp_path,
+        capsys,
+        "image not found",
+    )
 
 
 def test_unwritable_output(tiny_ckpts, tmp_path, capsys):
     out = tmp_path / "missing-dir" / "o.mp4"
-    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(out)], tmp_path, capsys, "does not exist")
+    assert_fails(
+        ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(out)],
+        tmp_path,
+        capsys,
+        "does not exist",
+    )
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -122,18 +159,33 @@ def test_unwritable_output(tiny_ckpts, tmp_path, capsys):
 
         if os.access(ro, os.W_OK):  # root ignores permission bits
             pytest.skip("running as root: permission bits do not stop writes")
-        assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(ro / "o.mp4")], tmp_path, capsys, "not writable")
+        assert_fails(
+            ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(ro / "o.mp4")],
+            tmp_path,
+            capsys,
+            "not writable",
+        )
     finally:
         ro.chmod(0o700)
 
 
 def test_output_must_be_mp4(tiny_ckpts, tmp_path, capsys):
-    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(tmp_path / "o.avi")], tmp_path, capsys, ".mp4")
+    assert_fails(
+        ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", str(tmp_path / "o.avi")],
+        tmp_path,
+        capsys,
+        ".mp4",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_absent(tiny_ckpts, tmp_path, capsys):
-    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "--device", "cuda"], tmp_path, capsys, "no CUDA GPU")
+    assert_fails(
+        ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "--device", "cuda"],
+        tmp_path,
+        capsys,
+        "no CUDA GPU",
+    )
 
 
 def test_gpu_out_of_memory_message(tiny_ckpts, tmp_path, capsys, monkeypatch):
@@ -143,7 +195,13 @@ def test_gpu_out_of_memory_message(tiny_ckpts, tmp_path, capsys, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(WanPipeline, "generate", boom)
-    assert_fails(["--model", str(tiny_ckpts["t2v", "official"]), *SMALL], tmp_path, capsys, "out of memory", "--size")
+    assert_fails(
+        ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL],
+        tmp_path,
+        capsys,
+        "out of memory",
+        "--size",
+    )
 
 
 def test_bad_config_file(tmp_path, capsys):

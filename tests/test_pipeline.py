@@ -1,5 +1,6 @@
 """End-to-end tiny runs: layouts agree, videos decode back, seeds are deterministic."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -26,12 +27,16 @@ def pipes(tiny_ckpts):
 def image_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "in.png"
     g = torch.Generator().manual_seed(0)
-    Image.fromarray(torch.randint(0, 255, (40, 56, 3), generator=g, dtype=torch.uint8).numpy()).save(path)
+    Image.fromarray(
+        torch.randint(0, 255, (40, 56, 3), generator=g, dtype=torch.uint8).numpy()
+    ).save(path)
     return path
 
 
 def request(task, image_file, **kw):
-    return GenerationRequest(prompt="a red fox", image=str(image_file) if task == "i2v" else None, **SMALL, **kw)
+    return GenerationRequest(
+        prompt="a red fox", image=str(image_file) if task == "i2v" else None, **SMALL, **kw
+    )
 
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
@@ -75,7 +80,9 @@ def test_determinism_and_seed(pipes, image_file):
 
 
 def test_cfg_batched_equals_sequential(tiny_ckpts, pipes, image_file):
-    seq = WanPipeline.from_pretrained(tiny_ckpts["i2v", "official"], RuntimeOptions(cfg_batch=False))
+    seq = WanPipeline.from_pretrained(
+        tiny_ckpts["i2v", "official"], RuntimeOptions(cfg_batch=False)
+    )
     req = request("i2v", image_file)
     a = pipes["i2v", "official"].generate(req, progress=False).latents
     b = seq.generate(req, progress=False).latents
@@ -115,10 +122,9 @@ def test_cli_writes_decodable_mp4(tiny_ckpts, tmp_path, task, image_file, capsys
 
 def test_config_file_and_flag_override(tiny_ckpts, tmp_path):
     cfg = tmp_path / "run.json"
-    cfg.write_text(
-        '{"model": "%s", "request": {"width": 32, "height": 32, "frames": 5, "steps": 1, "prompt": "x"}}'
-        % tiny_ckpts["t2v", "official"]
-    )
+    run = {"model": str(tiny_ckpts["t2v", "official"]),
+           "request": {"width": 32, "height": 32, "frames": 5, "steps": 1, "prompt": "x"}}  # fmt: skip
+    cfg.write_text(json.dumps(run))
     out = tmp_path / "o.mp4"
     assert main(["run", "--config", str(cfg), "--size", "48x32", "-q", "-o", str(out)]) == 0
     frames, *_ = read_video(out)
@@ -131,7 +137,13 @@ def test_embedded_default_end_to_end(tmp_path):
     out = tmp_path / "demo.mp4"
     exe = shutil.which("lx2v") or ""
     cmd = [exe] if exe else [sys.executable, "-m", "lightx2v"]
-    r = subprocess.run([*cmd, "run", "-q", "-o", str(out)], env=env | _pyenv(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, "run", "-q", "-o", str(out)],
+        env=env | _pyenv(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "RANDOM" in r.stderr
     frames, *_ = read_video(out)

@@ -95,7 +95,9 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--impl", default="ours,diffusers")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also time ours with regional torch.compile")
+    p.add_argument(
+        "--compile", action="store_true", help="also time ours with regional torch.compile"
+    )
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -117,7 +119,10 @@ def main() -> int:
         peak = torch.cuda.max_memory_allocated() / 1e9
         outs[name] = out.float()
         rows.append({"impl": name, "s_per_forward": sec, "first_call_s": first, "peak_gb": peak})
-        print(f"{name:<22} {sec:8.3f} s/forward  first {first:7.2f} s  peak {peak:6.1f} GB", flush=True)
+        print(
+            f"{name:<22} {sec:8.3f} s/forward  first {first:7.2f} s  peak {peak:6.1f} GB",
+            flush=True,
+        )
 
     with torch.no_grad():
         if "diffusers" not in a.impl:
@@ -125,8 +130,15 @@ def main() -> int:
         else:
             ref.eval()
             hidden = torch.cat([x, y], 1) if y is not None else x
-            hid, c, cl = hidden.bfloat16(), ctx.bfloat16(), None if clip is None else clip.bfloat16()
-            record("diffusers-bf16-eager", lambda: ref(hid, t, c, encoder_hidden_states_image=cl, return_dict=False)[0])
+            hid, c, cl = (
+                hidden.bfloat16(),
+                ctx.bfloat16(),
+                None if clip is None else clip.bfloat16(),
+            )
+            record(
+                "diffusers-bf16-eager",
+                lambda: ref(hid, t, c, encoder_hidden_states_image=cl, return_dict=False)[0],
+            )
             del ref
             gc.collect()
             torch.cuda.empty_cache()
@@ -136,7 +148,9 @@ def main() -> int:
 
             with torch.device("meta"):
                 ours = WanDiT(arch)
-            ours.load_state_dict({diffusers_to_official(k): v for k, v in state.items()}, assign=True)
+            ours.load_state_dict(
+                {diffusers_to_official(k): v for k, v in state.items()}, assign=True
+            )
             ours.cast(torch.bfloat16).eval()
             del state
             record("lx2v-bf16-eager", lambda: ours(x, t, ctx, clip, y))
@@ -149,12 +163,16 @@ def main() -> int:
         for row in rows:
             o = outs[row["impl"]]
             row["rel_l2_vs_diffusers"] = ((o - ref_out).norm() / ref_out.norm()).item()
-    print(f"\n{a.arch} {width}x{height} {a.frames} frames = {tokens} tokens, {torch.cuda.get_device_name()}")
+    print(
+        f"\n{a.arch} {width}x{height} {a.frames} frames = {tokens} tokens, {torch.cuda.get_device_name()}"
+    )
     print("| impl | s/forward | first call s | peak GB | rel L2 vs diffusers |")
     print("|---|---|---|---|---|")
     for r in rows:
         rel = r.get("rel_l2_vs_diffusers", float("nan"))
-        print(f"| {r['impl']} | {r['s_per_forward']:.3f} | {r['first_call_s']:.2f} | {r['peak_gb']:.1f} | {rel:.2e} |")
+        print(
+            f"| {r['impl']} | {r['s_per_forward']:.3f} | {r['first_call_s']:.2f} | {r['peak_gb']:.1f} | {rel:.2e} |"
+        )
     if a.json:
         meta = {"arch": a.arch, "size": a.size, "frames": a.frames, "tokens": tokens,
                 "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}  # fmt: skip

@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
 import string
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import ftfy
@@ -48,6 +44,7 @@ from transformers import (
 )
 
 from lightx2v.errors import CheckpointError, LX2VError
+from lightx2v.fileio import atomic_dir, atomic_torch_save, first_line, load_pth, short_list
 
 TEXT_LEN = 512  # tokens per prompt; the DiT's text context length
 
@@ -65,41 +62,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # heads = width / 80.
 CLIP_HEAD_DIM = 80
 
-_MAX_LISTED_KEYS = 8
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _key_list(keys: set[str] | list[str]) -> str:
-    """Sorted, truncated, comma-separated key names for a one-line error."""
-    keys = sorted(keys)
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    if len(keys) > _MAX_LISTED_KEYS:
-        shown += f", ... (+{len(keys) - _MAX_LISTED_KEYS} more)"
-    return shown
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _load_pth(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A plain {name: tensor} dict from a `.pth` file, never unpickling arbitrary objects."""
-    if not path.is_file():
-        raise CheckpointError(f"{what} checkpoint not found: {path}")
-    try:
-        sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-    except Exception as err:  # torch raises several types for corrupt/unsafe files
-        raise CheckpointError(f"cannot read {what} checkpoint {path}: {_first_line(err)}") from err
-    if not isinstance(sd, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
-    ):
-        raise CheckpointError(f"{what} checkpoint {path} is not a plain dict of tensors")
-    return sd
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -128,9 +95,9 @@ def _assign_weights(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_key_list(missing)}")
+            parts.append(f"missing keys: {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_key_list(unexpected)}")
+            parts.append(f"unexpected keys: {short_list(unexpected)}")
         raise CheckpointError(f"{what} checkpoint {path}: " + "; ".join(parts))
     for key, ref in expected.items():
         if state[key].shape != ref.shape:
@@ -148,7 +115,7 @@ def _check_loading_info(info: dict, what: str, path: Path) -> None:
     for name in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else str(k[0]) for k in info.get(name) or ()]
         if keys:
-            parts.append(f"{name.replace('_', ' ')}: {_key_list(keys)}")
+            parts.append(f"{name.replace('_', ' ')}: {short_list(keys)}")
     if parts:
         raise CheckpointError(f"{what} checkpoint {path}: " + "; ".join(parts))
 
@@ -162,7 +129,7 @@ def _from_pretrained(cls: type[PreTrainedModel], folder: Path, dtype: torch.dtyp
             folder, dtype=dtype, local_files_only=True, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise CheckpointError(f"cannot load {what} from {folder}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot load {what} from {folder}: {first_line(err)}") from err
     _check_loading_info(info, what, folder)
     return model
 
@@ -439,7 +406,7 @@ def load_tokenizer(folder: str | Path, what: str = "tokenizer"):
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load {what} from {folder}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot load {what} from {folder}: {first_line(err)}") from err
 
 
 class TextEncoder:
@@ -462,7 +429,7 @@ class TextEncoder:
         """From `models_t5_umt5-xxl-enc-bf16.pth` and the `google/umt5-xxl` tokenizer folder."""
         path = Path(pth_path)
         tokenizer = load_tokenizer(tokenizer_dir, "text tokenizer")
-        official = _load_pth(path, "text encoder")
+        official = load_pth(path, "text encoder")
         config = umt5_config_from_official(official, path)
         state, unknown = t5_official_to_hf(official)
         with torch.device("meta"):
@@ -565,7 +532,7 @@ class ImageEncoder:
     ) -> ImageEncoder:
         """From `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (only `visual.*`)."""
         path = Path(pth_path)
-        official = _load_pth(path, "image encoder")
+        official = load_pth(path, "image encoder")
         config = clip_config_from_official(official, path)
         state, unknown = _clip_official_to_hf(official)
         with torch.device("meta"):
@@ -603,7 +570,7 @@ class ImageEncoder:
                 mean, std = tuple(config["image_mean"]), tuple(config["image_std"])
             except (OSError, ValueError, KeyError) as err:
                 raise CheckpointError(
-                    f"cannot read image mean/std from {config_path}: {_first_line(err)}"
+                    f"cannot read image mean/std from {config_path}: {first_line(err)}"
                 ) from err
         return cls(model, mean, std).to(device)
 
@@ -693,7 +660,7 @@ def write_tiny_tokenizer(folder: Path) -> int:
         "clean_up_tokenization_spaces": False,
         **special,
     }
-    with _atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         (tmp / "tokenizer.json").write_text(tok.to_str(pretty=True))
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True))
@@ -740,9 +707,9 @@ def write_tiny_text_encoder(
     model = UMT5EncoderModel(config).to(torch.bfloat16)
     _randomize_(model, seed)
     if layout == "official":
-        _atomic_torch_save(t5_hf_to_official(model.state_dict()), root / T5_OFFICIAL_FILE)
+        atomic_torch_save(t5_hf_to_official(model.state_dict()), root / T5_OFFICIAL_FILE)
     else:
-        with _atomic_dir(root / "text_encoder") as tmp:
+        with atomic_dir(root / "text_encoder") as tmp:
             model.save_pretrained(tmp)
     return sizes
 
@@ -786,10 +753,10 @@ def write_tiny_image_encoder(
         sd["textual.token_embedding.weight"] = torch.randn(16, 8, generator=gen).half()
         sd["textual.head.0.weight"] = torch.randn(8, 8, generator=gen).half()
         sd["log_scale"] = torch.tensor(4.6052, dtype=torch.float16)
-        _atomic_torch_save(sd, root / CLIP_OFFICIAL_FILE)
+        atomic_torch_save(sd, root / CLIP_OFFICIAL_FILE)
         write_tiny_tokenizer(root / CLIP_OFFICIAL_TOKENIZER)
     else:
-        with _atomic_dir(root / "image_encoder") as tmp:
+        with atomic_dir(root / "image_encoder") as tmp:
             model.save_pretrained(tmp)
         processor = {
             "image_processor_type": "CLIPImageProcessor",
@@ -805,7 +772,7 @@ def write_tiny_image_encoder(
             "image_std": list(CLIP_STD),
             "do_convert_rgb": True,
         }
-        with _atomic_dir(root / "image_processor") as tmp:
+        with atomic_dir(root / "image_processor") as tmp:
             text = json.dumps(processor, indent=2, sort_keys=True)
             (tmp / "preprocessor_config.json").write_text(text)
     return sizes
@@ -834,30 +801,3 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
         else:
             value = noise * param[0].numel() ** -0.5  # fan-in scaling
         param.copy_(value.to(param.dtype))
-
-
-@contextmanager
-def _atomic_dir(dst: Path) -> Iterator[Path]:
-    """Fill a temporary sibling folder, then move it into place (replacing `dst`)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _atomic_torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from lightx2v.config import WanArch
 from lightx2v.errors import CheckpointError
+from lightx2v.fileio import short_list
 
 OFFICIAL, DIFFUSERS, LX2V = "official", "diffusers", "lx2v"
 
@@ -333,9 +334,9 @@ def _check_keys(expected: set[str], found: set[str], where: Path) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}")
+            parts.append(f"missing {len(missing)} key(s): {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}")
+            parts.append(f"unexpected {len(unexpected)} key(s): {short_list(unexpected)}")
         raise CheckpointError(
             f"DiT weights in {where} do not match the architecture: " + "; ".join(parts)
         )
@@ -344,10 +345,10 @@ def _check_keys(expected: set[str], found: set[str], where: Path) -> None:
 def load_dit_weights(model: torch.nn.Module, src: SafetensorsSource, where: Path, device) -> None:
     """Fill a (meta-device) DiT from a tensor source; keys and shapes must match exactly."""
     expected = dict(model.state_dict())
-    _check_keys(set(expected), set(src.keys()) | set(), where)
+    _check_keys(set(expected), set(src.keys()), where)
     if src.unmapped:
         raise CheckpointError(
-            f"DiT weights in {where} have keys with no meaning here: {', '.join(src.unmapped[:8])}"
+            f"DiT weights in {where} have keys with no meaning here: {short_list(src.unmapped)}"
         )
     state = {}
     for name, ref in expected.items():

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lightx2v.errors import CheckpointError, LX2VError
+from lightx2v.fileio import atomic_torch_save, load_pth, short_list
 
 OFFICIAL_FILENAME = "Wan2.1_VAE.pth"
 
@@ -247,11 +248,6 @@ def infer_official_config(sd: dict[str, torch.Tensor], path: Path) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def _short_list(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def _build_and_load(
     config: dict[str, Any], sd: dict[str, torch.Tensor], source: str, dtype: torch.dtype
 ) -> AutoencoderKLWan:
@@ -268,9 +264,9 @@ def _build_and_load(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {_short_list(missing)}")
+            parts.append(f"missing {len(missing)} tensor(s): {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s): {_short_list(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {short_list(unexpected)}")
         raise CheckpointError(f"{source}: VAE checkpoint does not match: " + "; ".join(parts))
     wrong = [
         f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})"
@@ -278,22 +274,9 @@ def _build_and_load(
         if sd[k].shape != v.shape
     ]
     if wrong:
-        raise CheckpointError(f"{source}: VAE tensors of the wrong shape: {_short_list(wrong, 3)}")
+        raise CheckpointError(f"{source}: VAE tensors of the wrong shape: {short_list(wrong, 3)}")
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"VAE checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-    except Exception as e:  # a corrupt, legacy-format or non-tensor pickle: one line to the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({reason})") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a plain dict of tensors (a VAE state dict)")
-    return obj
 
 
 def _load_diffusers_weights(vae_dir: Path) -> dict[str, torch.Tensor]:
@@ -355,7 +338,7 @@ class WanVAE:
     ) -> WanVAE:
         """Loads the official `Wan2.1_VAE.pth` (a state dict of Wan's own `WanVAE_`)."""
         path = Path(pth_path)
-        sd = _load_pth(path)
+        sd = load_pth(path, "VAE")
         config = infer_official_config(sd, path)
         nrb = config["num_res_blocks"]
         mapped: dict[str, torch.Tensor] = {}
@@ -529,18 +512,6 @@ def _tiny_model(seed: int) -> AutoencoderKLWan:
     return model
 
 
-def _atomic_write(write, target: Path) -> None:
-    """Calls write(tmp_path), then renames the temp file onto `target`."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_tiny_vae(root: str | os.PathLike, layout: str, seed: int = 0) -> dict[str, Any]:
     """Writes a tiny random Wan2.1 VAE in a real layout; deterministic for a given seed.
 
@@ -559,7 +530,7 @@ def write_tiny_vae(root: str | os.PathLike, layout: str, seed: int = 0) -> dict[
             assert official is not None, key  # every AutoencoderKLWan(2.1) tensor has a name
             sd[official] = tensor.contiguous().clone()
         path = root / OFFICIAL_FILENAME
-        _atomic_write(lambda tmp: torch.save(sd, tmp), path)
+        atomic_torch_save(sd, path)
     elif layout == "diffusers":
         path = root / "vae"
         path.mkdir(exist_ok=True)

@@ -1,0 +1,94 @@
+"""Safe reading and atomic writing of files, shared by every loader and writer.
+
+- `load_pth`: weights-only `torch.load` (never unpickles arbitrary objects), mmap'd.
+- `atomic_file` / `atomic_dir`: write to a temporary sibling, rename into place on
+  success, remove the temporary on failure: nothing is ever left half-written.
+- `short_list`: names for a one-line error message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from lightx2v.errors import CheckpointError
+
+
+def short_list(names: Iterable[str], limit: int = 8) -> str:
+    """Sorted, truncated, comma-separated names for a one-line error."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_pth(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A plain {name: tensor} dict from a `.pth` file, read weights-only and mmap'd.
+
+    Files in PyTorch's legacy (pre-1.6, non-zip) format cannot be mmap'd; they are read
+    weights-only without mmap instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} checkpoint not found: {path}")
+    try:
+        try:
+            sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            sd = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"cannot read {what} checkpoint {path}: {first_line(err)}") from err
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise CheckpointError(f"{what} checkpoint {path} is not a plain dict of tensors")
+    return sd
+
+
+@contextmanager
+def atomic_file(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `target`; it becomes `target` only on success."""
+    target = Path(target)
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; it replaces `target` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_torch_save(state: dict[str, torch.Tensor], target: str | Path) -> None:
+    with atomic_file(target) as tmp:
+        torch.save(state, tmp)
