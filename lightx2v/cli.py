@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run cond and uncond one after the other (less memory) instead of as a batch of 2",
     )
     r.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="regional torch.compile of the DiT blocks (default: on for CUDA, off on CPU); compiled kernels are cached across runs",
+    )
+    r.add_argument(
         "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory, slower)"
     )
     r.add_argument("--attention", help="attention backend (default sdpa; `lx2v info` lists them)")
@@ -174,6 +180,8 @@ def cmd_run(args) -> int:
         rt.cfg_batch = False
     if args.vae_tiling:
         rt.vae_tiling = True
+    if args.compile is not None:
+        rt.compile = args.compile
     if args.save_frames:
         rt.save_frames = args.save_frames
     output = args.output or cfg.output

@@ -132,6 +132,7 @@ class RuntimeOptions:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
     cfg_batch: bool = True  # cond and uncond as one batch of 2
+    compile: bool | None = None  # regional torch.compile of the blocks; None: on for CUDA
     vae_tiling: bool = False
     offload_encoders: bool = True  # move text/image encoders off the GPU after use
     save_frames: str | None = None  # folder for PNG frames

@@ -19,6 +19,7 @@ from lightx2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, RuntimeO
 from lightx2v.errors import LX2VError
 from lightx2v.io import load_image, resize_image, to_uint8_frames, write_png_frames, write_video
 from lightx2v.models.wan.formats import OFFICIAL, Checkpoint, load_dit, open_checkpoint
+from lightx2v.runtime.runner import DiTRunner, compile_blocks
 from lightx2v.schedule import make_sampler
 
 VAE_STRIDE = (4, 8, 8)  # latent frames / height / width downsampling
@@ -99,6 +100,11 @@ class WanPipeline:
         ckpt.check_files()
         self.text_encoder, self.image_encoder, self.vae = self._load_components()
         self.dit = load_dit(ckpt, self.dtype, self.device)
+        compile_on = self.runtime.compile
+        if compile_on is None:  # auto: on for CUDA, where it pays; CPU compile is slow to start
+            compile_on = self.device.type == "cuda"
+        if compile_on:
+            compile_blocks(self.dit)
 
     @classmethod
     def from_pretrained(
@@ -178,6 +184,14 @@ class WanPipeline:
         latents = torch.randn(latent_shape(req), generator=gen, device=self.device)  # fp32
         sampler = make_sampler(req.sampler, req.steps, req.shift)
         cfg = context.shape[0] == 2
+        if cfg and not self.runtime.cfg_batch:  # cond and uncond one after the other
+            runners = [DiTRunner(self.dit), DiTRunner(self.dit)]
+            for i, r in enumerate(runners):
+                r.begin(context[i : i + 1], None if clip is None else clip[i : i + 1])
+            ys = [None if y is None else y[i : i + 1] for i in (0, 1)]
+        else:
+            runner = DiTRunner(self.dit)
+            runner.begin(context, clip)
         step_times = []
         steps = tqdm(sampler.timesteps, desc="denoise", unit="step", disable=not progress,
                      file=sys.stderr, leave=False)  # fmt: skip
@@ -185,19 +199,14 @@ class WanPipeline:
             t0 = time.perf_counter()
             tt = t.to(self.device)
             if cfg and self.runtime.cfg_batch:
-                v_cond, v_uncond = self.dit(
-                    latents[None].expand(2, -1, -1, -1, -1), tt.expand(2), context, clip, y
-                ).unbind(0)
+                x = latents[None].expand(2, -1, -1, -1, -1)
+                v_cond, v_uncond = runner(x, tt.expand(2), y).unbind(0)
             elif cfg:
-                pick = lambda a, i: None if a is None else a[i : i + 1]  # noqa: E731
                 v_cond, v_uncond = (
-                    self.dit(latents[None], tt[None], pick(context, i), pick(clip, i), pick(y, i))[
-                        0
-                    ]
-                    for i in (0, 1)
+                    r(latents[None], tt[None], yy)[0] for r, yy in zip(runners, ys, strict=True)
                 )
             else:
-                v_cond = v_uncond = self.dit(latents[None], tt[None], context, clip, y)[0]
+                v_cond = runner(latents[None], tt[None], y)[0]
             v = v_uncond + req.guidance * (v_cond - v_uncond) if cfg else v_cond
             latents = sampler.step(v, latents)
             self._sync()

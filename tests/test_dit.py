@@ -133,3 +133,17 @@ def test_block_compiles_fullgraph_and_matches_eager():
         got = ours(x, t, ctx, clip, y)
     # inductor fuses and reorders fp32 arithmetic; a few ulps of difference per op
     assert rel_l2(got, want) <= 1e-5
+
+
+def test_runner_with_cached_cross_kv_equals_forward():
+    from lightx2v.runtime.runner import DiTRunner
+
+    arch = tiny_arch("i2v")
+    ours = ours_from(diffusers_model(arch, 7), arch)
+    x, t, ctx, clip, y = inputs(arch, 3, 4, 6)
+    runner = DiTRunner(ours)
+    runner.begin(ctx, clip)
+    with torch.no_grad():
+        want = ours(x, t, ctx, clip, y)
+        assert torch.equal(runner(x, t, y), want)
+        assert torch.equal(runner(x, t, y), want)  # the cache is reused, not consumed

@@ -26,6 +26,9 @@ from torch import nn
 from lightx2v.config import WanArch
 from lightx2v.ops.attention import attention
 
+# text k, v (+ image k, v for I2V), each [B, T|I, N, Dh]
+CrossKV = tuple[torch.Tensor, ...]
+
 # ---------------------------------------------------------------------------------------
 # position and time encodings
 
@@ -141,17 +144,25 @@ class CrossAttention(nn.Module):
     def project_kv_img(self, context_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_img(context_img), self.v_img(context_img)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None
-    ) -> torch.Tensor:
+    def kv(self, context: torch.Tensor, context_img: torch.Tensor | None) -> CrossKV:
+        """Keys and values of the text (+ image) tokens, [B, T|I, N, Dh] each.
+
+        They depend only on the prompt and image, so a runtime computes them once per
+        generation and reuses them at every step.
+        """
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, N, Dh]
         k, v = self.project_kv(context)  # [B, T, D]
-        out = attention(q, self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads))
+        kv = (self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads))
         if context_img is not None:
             k_img, v_img = self.project_kv_img(context_img)  # [B, I, D]
-            k_img = self.norm_k_img(k_img).unflatten(-1, heads)
-            out = out + attention(q, k_img, v_img.unflatten(-1, heads))
+            kv += (self.norm_k_img(k_img).unflatten(-1, heads), v_img.unflatten(-1, heads))
+        return kv
+
+    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
+        out = attention(q, kv[0], kv[1])
+        if len(kv) == 4:  # I2V: image tokens attended separately, outputs summed
+            out = out + attention(q, kv[2], kv[3])
         return self.o(out.flatten(2))
 
 
@@ -183,16 +194,15 @@ class WanBlock(nn.Module):
         e: torch.Tensor,  # [B, 6, D] fp32 projected time embedding
         cos: torch.Tensor,  # [L, 1, Dh/2]
         sin: torch.Tensor,
-        context: torch.Tensor,  # [B, T, D]
-        context_img: torch.Tensor | None,  # [B, I, D]
+        cross_kv: CrossKV,  # from self.cross_attn.kv(context, context_img)
     ) -> torch.Tensor:
-        dt = context.dtype  # the compute dtype (embed_context casts to it)
+        dt = cross_kv[1].dtype  # the compute dtype
         mod = (self.modulation.float() + e)[:, :, None]  # [B, 6, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
         h = torch.addcmul(shift1, layer_norm(x, self.eps), 1 + scale1)
         x = torch.addcmul(x, self.self_attn(h.to(dt), cos, sin), gate1)  # fp32 += bf16·fp32
         h = layer_norm(x, self.eps, self.norm3)
-        x = x + self.cross_attn(h.to(dt), context, context_img)
+        x = x + self.cross_attn(h.to(dt), cross_kv)
         h = torch.addcmul(shift2, layer_norm(x, self.eps), 1 + scale2)
         return torch.addcmul(x, self.ffn(h.to(dt)), gate2)
 
@@ -333,5 +343,5 @@ class WanDiT(nn.Module):
         t_emb, e = self.embed_time(t.expand(x.shape[0]) if t.dim() == 0 else t)
         ctx, ctx_img = self.embed_context(context, clip_tokens)
         for block in self.blocks:
-            tokens = block(tokens, e, cos, sin, ctx, ctx_img)
+            tokens = block(tokens, e, cos, sin, block.cross_attn.kv(ctx, ctx_img))
         return self.unpatchify(self.head(tokens, t_emb), grid)
