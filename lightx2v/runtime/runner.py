@@ -69,8 +69,14 @@ class DiTRunner:
             self._rope[grid] = self.dit.rope(grid, device)
         return self._rope[grid]
 
-    def run_blocks(self, tokens: torch.Tensor, e: torch.Tensor, cos, sin) -> torch.Tensor:
-        """tokens [B, L, D] fp32 → the same after every block; the hook for step features."""
+    def run_blocks(
+        self, tokens: torch.Tensor, t_emb: torch.Tensor, e: torch.Tensor, cos, sin
+    ) -> torch.Tensor:
+        """tokens [B, L, D] fp32 → the same after every block.
+
+        The hook for step-level features: a subclass may skip the stack (TeaCache: t_emb
+        [B, D] and e [B, 6, D] are its indicators) or move weights around it (offload).
+        """
         for block, kv in zip(self.dit.blocks, self._cross_kv, strict=True):
             tokens = block(tokens, e, cos, sin, kv)
         return tokens
@@ -90,7 +96,7 @@ class DiTRunner:
         t_emb, e = self.dit.embed_time(t)
         first = self.compiled and self.compile_seconds is None
         t0 = time.perf_counter()
-        tokens = self.run_blocks(tokens, e, cos, sin)
+        tokens = self.run_blocks(tokens, t_emb, e, cos, sin)
         if first:
             self.compile_seconds = time.perf_counter() - t0
             log.info(
