@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lightx2v import __version__
-from lightx2v.config import RunConfig
+from lightx2v.config import REQUEST_PRESETS, RunConfig
 from lightx2v.errors import LX2VError
 
 log = logging.getLogger("lightx2v")
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checked against the checkpoint; picks the embedded model (default i2v) when --model is absent",
     )
     r.add_argument("--config", help="JSON file with run settings; flags given here override it")
+    r.add_argument(
+        "--preset",
+        choices=sorted(REQUEST_PRESETS),
+        help="official size preset (480p = 832x480, 720p = 1280x720, 81 frames); other flags override it",
+    )
     r.add_argument("--prompt", help="text prompt")
     r.add_argument("--negative-prompt", help="negative prompt (default: the official Wan2.1 one)")
     r.add_argument("--image", help="input image for i2v (jpg/png)")
@@ -65,14 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="video size, divisible by 16 (default 832x480)",
     )
     r.add_argument("--frames", type=int, help="number of frames, 4n+1 (default 81 = 5 s at 16 fps)")
-    r.add_argument("--steps", type=int, help="sampling steps (default 40)")
+    r.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps (default: 40 for I2V, 50 for T2V, as the official code)",
+    )
     r.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale; 1 disables CFG (default 5)"
     )
     r.add_argument(
         "--shift",
         type=float,
-        help="timestep shift of the flow schedule (default 5; 3 suits 480P T2V)",
+        help="timestep shift of the flow schedule (default: 3 for I2V at 480P, else 5, as the official code)",
     )
     r.add_argument("--seed", type=int, help="random seed (default 42)")
     r.add_argument(
@@ -162,6 +171,9 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
         model = str(embedded_checkpoint(task))
+    if args.preset:
+        for k, v in REQUEST_PRESETS[args.preset].items():
+            setattr(req, k, v)
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "image": args.image,
         "frames": args.frames, "steps": args.steps, "guidance": args.guidance,

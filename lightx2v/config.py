@@ -97,14 +97,24 @@ class GenerationRequest:
     width: int = 832
     height: int = 480
     frames: int = 81
-    steps: int = 40
+    steps: int | None = None  # None: the official default, 40 for I2V, 50 for T2V
     guidance: float = 5.0
-    shift: float = 5.0
+    shift: float | None = None  # None: the official default, 3 for I2V at 480P, else 5
     seed: int = 42
     sampler: str = "unipc"  # "unipc" or "euler"
     fps: int = 16
 
+    def fill_defaults(self, task: str) -> GenerationRequest:
+        """Fill what was left unset with the official Wan2.1 defaults for `task`."""
+        if self.steps is None:
+            self.steps = 40 if task == "i2v" else 50
+        if self.shift is None:
+            at_480p = {self.width, self.height} == {832, 480}
+            self.shift = 3.0 if task == "i2v" and at_480p else 5.0
+        return self
+
     def validate(self, task: str) -> None:
+        self.fill_defaults(task)
         if self.width % 16 or self.height % 16:
             raise LX2VError(
                 f"--size {self.width}x{self.height}: width and height must be divisible by 16"
@@ -123,6 +133,15 @@ class GenerationRequest:
             raise LX2VError("task i2v needs an input image (--image PATH)")
         if task == "t2v" and self.image is not None:
             raise LX2VError("an image was given but the model is text-to-video (T2V); drop --image")
+
+
+# Named request presets (`--preset`): the official sizes; flags given with them win.
+REQUEST_PRESETS: dict[str, dict[str, Any]] = {
+    "480p": {"width": 832, "height": 480, "frames": 81},
+    "480p-portrait": {"width": 480, "height": 832, "frames": 81},
+    "720p": {"width": 1280, "height": 720, "frames": 81},
+    "720p-portrait": {"width": 720, "height": 1280, "frames": 81},
+}
 
 
 @dataclass

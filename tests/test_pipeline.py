@@ -155,3 +155,26 @@ def _pyenv():
 
     keep = ("PYTHONPATH", "HOME", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
     return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def test_official_defaults_by_task():
+    i2v = GenerationRequest(image="x.png")
+    i2v.validate("i2v")
+    assert (i2v.steps, i2v.shift) == (40, 3.0)  # official: I2V 40 steps, shift 3 at 832x480
+    i2v720 = GenerationRequest(image="x.png", width=1280, height=720)
+    i2v720.validate("i2v")
+    assert i2v720.shift == 5.0
+    t2v = GenerationRequest()
+    t2v.validate("t2v")
+    assert (t2v.steps, t2v.shift) == (50, 5.0)
+    explicit = GenerationRequest(steps=7, shift=2.0)
+    explicit.validate("t2v")
+    assert (explicit.steps, explicit.shift) == (7, 2.0)
+
+
+def test_preset_then_flags(tiny_ckpts, tmp_path):
+    out = tmp_path / "p.mp4"
+    args = ["run", "--model", str(tiny_ckpts["t2v", "official"]), "--preset", "480p", "--size", "48x32",
+            "--frames", "5", "--steps", "1", "-q", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert read_video(out)[0].shape == (5, 32, 48, 3)
