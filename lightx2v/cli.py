@@ -291,13 +291,11 @@ def cmd_info(args) -> int:
     print(
         f"attention: active {attention_backend()}; available {', '.join(available_attention_backends())}"
     )
-    try:
-        from lightx2v.ops import kernel_report
-    except ImportError:
-        kernel_report = None
-    if kernel_report is not None:
-        for op, backend in kernel_report().items():
-            print(f"  op {op:<20} {backend}")
+    from lightx2v.quant.linear import available_backends
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for scheme in ("fp8", "int8"):
+        print(f"{scheme} linear backends on {dev}: {', '.join(available_backends(scheme, dev))}")
     return 0
 
 

@@ -178,3 +178,17 @@ def test_preset_then_flags(tiny_ckpts, tmp_path):
             "--frames", "5", "--steps", "1", "-q", "-o", str(out)]  # fmt: skip
     assert main(args) == 0
     assert read_video(out)[0].shape == (5, 32, 48, 3)
+
+
+def test_cli_convert_verify_run(tiny_ckpts, tmp_path, image_file, capsys):
+    """`lx2v convert` output is what `lx2v run --model` is normally given."""
+    dst = tmp_path / "fp8"
+    assert main(["convert", "--model", str(tiny_ckpts["i2v", "diffusers"]), "--out", str(dst)]) == 0
+    assert main(["verify", str(dst)]) == 0
+    out = tmp_path / "c.mp4"
+    args = ["run", "--model", str(dst), "--image", str(image_file), "--size", "48x32",
+            "--frames", "5", "--steps", "2", "-q", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert read_video(out)[0].shape == (5, 32, 48, 3)
+    assert main(["convert", "--model", str(tiny_ckpts["i2v", "diffusers"]), "--out", str(dst)]) != 0
+    assert "exists" in capsys.readouterr().err

@@ -496,6 +496,24 @@ class TextEncoder:
 # ---------------------------------------------------------------------------------------------
 
 
+def load_official_clip_vision(pth_path: str | Path, dtype: torch.dtype) -> CLIPVisionModel:
+    """The whole CLIP vision tower (all layers) from the official open-clip `.pth`."""
+    path = Path(pth_path)
+    official = load_pth(path, "image encoder")
+    config = clip_config_from_official(official, path)
+    state, unknown = _clip_official_to_hf(official)
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    prefix = _clip_prefix(model)
+    state = {prefix + k: v for k, v in state.items()}
+    _assign_weights(model, state, unknown, dtype, "image encoder", path, _clip_source_name)
+    # Non-persistent buffer, not in any checkpoint: rebuild it off the meta device.
+    embeddings = model.get_submodule(prefix + "embeddings")
+    positions = torch.arange(embeddings.num_positions).expand((1, -1))
+    embeddings.register_buffer("position_ids", positions, persistent=False)
+    return model
+
+
 class ImageEncoder:
     """CLIP vision tower: images in [-1, 1] → [B, 257, width] tokens of the penultimate block.
 
@@ -531,20 +549,7 @@ class ImageEncoder:
         device: torch.device | str = "cpu",
     ) -> ImageEncoder:
         """From `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (only `visual.*`)."""
-        path = Path(pth_path)
-        official = load_pth(path, "image encoder")
-        config = clip_config_from_official(official, path)
-        state, unknown = _clip_official_to_hf(official)
-        with torch.device("meta"):
-            model = CLIPVisionModel(config)
-        prefix = _clip_prefix(model)
-        state = {prefix + k: v for k, v in state.items()}
-        _assign_weights(model, state, unknown, dtype, "image encoder", path, _clip_source_name)
-        # Non-persistent buffer, not in any checkpoint: rebuild it off the meta device.
-        embeddings = model.get_submodule(prefix + "embeddings")
-        positions = torch.arange(embeddings.num_positions).expand((1, -1))
-        embeddings.register_buffer("position_ids", positions, persistent=False)
-        return cls(model).to(device)
+        return cls(load_official_clip_vision(pth_path, dtype)).to(device)
 
     @classmethod
     def from_diffusers(
