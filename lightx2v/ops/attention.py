@@ -5,17 +5,35 @@ no transposes leak into the model). Non-causal, no mask: Wan attends over whole 
 
 Backends: "sdpa" (torch.nn.functional.scaled_dot_product_attention; cuDNN/flash on
 Hopper, math on CPU) is always present. Faster ones are registered by name and picked
-with `set_attention_backend`.
+with `set_attention_backend`:
+
+- "lx2v-int8": our Triton kernel (lightx2v.kernels.attention): INT8 Q·Kᵀ with per-block
+  scales and K smoothing, bf16 P·V, fp32 online softmax. Passes the accuracy gate
+  (rel-L2 ≤ 3%, cosine ≥ 0.999) on random normal inputs.
+- "lx2v-int8-fp8": the same with FP8 P·V (faster; 3.9% rel-L2 on random normal q,k,v,
+  FP8's own rounding of P and V, ≈2.5% each: see `attention_8bit_sim`; fails the rel-L2
+  part of the gate on such inputs, so "auto" rejects it).
+- "sage": sageattention (PyPI) when installed; "flash": flash-attn when installed.
+- "auto": the fastest of those that pass a one-time self-check on this GPU (accuracy
+  against `attention_ref` on random and offset-k inputs, odd lengths; then a timing).
+
+`attention_backend_override(name)` runs a block of code with another backend (e.g. bf16
+attention on the first/last sampling steps, a known quality guard for 8-bit attention).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from lightx2v.errors import LX2VError
+
+log = logging.getLogger(__name__)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,25 +53,279 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
+def _quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [B, L, H, D] fp32 → INT8 values times their scale (one scale per `block` rows of
+    each head, amax/127, round half away from zero), as the kernel's pre-pass does."""
+    B, L, H, D = x.shape
+    pad = -L % block
+    xp = F.pad(x, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, block))  # [B, nb, block, H, D]
+    scale = xp.abs().amax(dim=(2, 4), keepdim=True).clamp_min(1e-30) / 127.0
+    xs = xp / scale
+    xq = torch.trunc(xs + torch.where(xs >= 0, 0.5, -0.5)).clamp(-127, 127)
+    return (xq * scale).flatten(1, 2)[:, :L]
+
+
+def attention_8bit_sim(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pv_fp8: bool = False,
+    block_m: int = 128,
+    block_n: int = 128,
+) -> torch.Tensor:
+    """What lx2v-int8 computes, in PyTorch (fp32, whole rows at once): the definition its
+    GPU tests compare with, and the CPU tests' model of its quantisation error.
+
+    q·D^-½·log2e → INT8 per block_m rows; k − mean_k(over tokens) → INT8 per block_n rows
+    (softmax is unchanged by the shift); S in log2 units; P = exp2(S − max + 8); with
+    pv_fp8, P → e4m3 and v → e4m3 with a per-channel scale (amax/448) after removing
+    `v_offset`; out = P·V / ΣP (+ the offset)."""
+    qf, kf, vf = q.float(), k.float(), v.float()
+    D = q.shape[-1]
+    qq = _quant_int8_blocks(qf * (D**-0.5 * math.log2(math.e)), block_m)
+    kq = _quant_int8_blocks(kf - kf.mean(1, keepdim=True), block_n)
+    s = torch.einsum("bqhd,bkhd->bhqk", qq, kq)
+    p = torch.exp2(s - s.amax(-1, keepdim=True) + 8.0)
+    denom = p.sum(-1, keepdim=True)
+    if pv_fp8:
+        mu = v_offset(vf.mean(1), vf.amax(1), vf.amin(1)).unsqueeze(1)  # [B, 1, H, D]
+        vc = vf - mu
+        scale = vc.abs().amax(1, keepdim=True).clamp_min(1e-30) / 448.0
+        vq = (vc / scale).to(torch.float8_e4m3fn).float() * scale
+        pq = p.to(torch.float8_e4m3fn).float()
+        out = torch.einsum("bhqk,bkhd->bqhd", pq / denom, vq) + mu
+    else:
+        pq = p.to(v.dtype).float() if v.dtype in (torch.bfloat16, torch.float16) else p
+        out = torch.einsum("bhqk,bkhd->bqhd", pq / denom, vf)
+    return out.to(q.dtype)
+
+
+def v_offset(v_mean: torch.Tensor, v_max: torch.Tensor, v_min: torch.Tensor) -> torch.Tensor:
+    """Per-channel offset taken out of v before FP8: its mean where that mean is large
+    against the channel's magnitude, else 0. Subtracting a mean smaller than FP8's step
+    turns the rounding error into a bias of one sign across tokens that no longer
+    averages out in P·V (on random normal v it doubled the error)."""
+    amax = torch.maximum(v_max.abs(), v_min.abs())
+    return torch.where(v_mean.abs() >= 0.125 * amax, v_mean, torch.zeros_like(v_mean))
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton kernel as a custom op (opaque to torch.compile, with a fake kernel), so a
+# compiled block keeps one graph.
+
+
+@torch.library.custom_op("lightx2v::attention_int8", mutates_args=(), device_types="cuda")
+def _attention_int8_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool
+) -> torch.Tensor:
+    from lightx2v.kernels.attention import attention_int8
+
+    return attention_int8(q, k, v, pv_fp8=pv_fp8)
+
+
+@_attention_int8_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def attention_lx2v_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _attention_int8_op(q, k, v, False)
+
+
+def attention_lx2v_int8_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _attention_int8_op(q, k, v, True)
+
+
+def _load_lx2v(fn: AttentionFn) -> Callable[[], AttentionFn]:
+    def load() -> AttentionFn:
+        if not torch.cuda.is_available():
+            raise RuntimeError("needs a CUDA GPU")
+        if torch.cuda.get_device_capability() < (9, 0):
+            raise RuntimeError("needs compute capability 9.0 (Hopper) or newer")
+        import lightx2v.kernels.attention  # noqa: F401  (Triton present and importable)
+
+        return fn
+
+    return load
+
+
+def _load_sage() -> AttentionFn:
+    if not torch.cuda.is_available():
+        raise RuntimeError("needs a CUDA GPU")
+    from sageattention import sageattn
+
+    def attention_sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    return attention_sage
+
+
+def _load_flash() -> AttentionFn:
+    if not torch.cuda.is_available():
+        raise RuntimeError("needs a CUDA GPU")
+    from flash_attn import flash_attn_func
+
+    def attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flash_attn_func(q, k, v)
+
+    return attention_flash
+
+
 _BACKENDS: dict[str, AttentionFn] = {"sdpa": attention_sdpa, "ref": attention_ref}
+# Optional backends, loaded on first request; the loader raises with the reason if missing.
+_LOADERS: dict[str, Callable[[], AttentionFn]] = {
+    "lx2v-int8": _load_lx2v(attention_lx2v_int8),
+    "lx2v-int8-fp8": _load_lx2v(attention_lx2v_int8_fp8),
+    "sage": _load_sage,
+    "flash": _load_flash,
+}
+# "auto" tries these, fastest first by expectation; the self-check times them anyway.
+AUTO_CANDIDATES = ("lx2v-int8-fp8", "lx2v-int8", "sage", "flash", "sdpa")
+ATTENTION_CHOICES = ("auto", "sdpa", "lx2v-int8", "lx2v-int8-fp8", "sage", "flash")
 _active: list[str] = ["sdpa"]
+_unavailable: dict[str, str] = {}
+_auto_report: dict[str, object] = {}
 
 
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
     _BACKENDS[name] = fn
 
 
+def _try_load(name: str) -> bool:
+    if name in _BACKENDS:
+        return True
+    if name not in _LOADERS or name in _unavailable:
+        return False
+    try:
+        _BACKENDS[name] = _LOADERS[name]()
+    except Exception as e:  # ImportError, no GPU, old GPU: the backend is just absent
+        _unavailable[name] = f"{type(e).__name__}: {e}"
+        return False
+    return True
+
+
 def available_attention_backends() -> list[str]:
+    for name in _LOADERS:
+        _try_load(name)
     return sorted(_BACKENDS)
 
 
+def unavailable_attention_backends() -> dict[str, str]:
+    """Optional backends that could not load here, with the reason (for `lx2v info`)."""
+    available_attention_backends()
+    return dict(_unavailable)
+
+
 def set_attention_backend(name: str) -> None:
-    if name not in _BACKENDS:
+    """Make `name` the active backend; "auto" runs the one-time self-check. An explicitly
+    requested backend that is missing is an error."""
+    if name == "auto":
+        name = auto_attention_backend()
+    elif not _try_load(name):
+        why = f": {_unavailable[name]}" if name in _unavailable else ""
         raise LX2VError(
-            f"attention backend {name!r} is not available here "
+            f"attention backend {name!r} is not available here{why} "
             f"(available: {', '.join(available_attention_backends())})"
         )
     _active[0] = name
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+# The accuracy gate of every 8-bit backend against fp32 exact attention.
+GATE_REL_L2 = 0.03
+GATE_COSINE = 0.999
+
+
+def self_check(fn: AttentionFn, device: str | torch.device = "cuda") -> tuple[bool, str]:
+    """Accuracy of `fn` against fp32 `attention_ref` on small bf16 problems: random normal
+    q,k,v (odd lengths, cross-attention, batch 2) and k with a large per-channel offset."""
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    worst = (0.0, 1.0)
+    for B, Lq, Lk, H, off in (
+        (2, 1000, 1000, 2, 0.0),
+        (1, 777, 257, 3, 0.0),
+        (1, 600, 600, 2, 8.0),
+    ):
+        q = torch.randn(B, Lq, H, 128, generator=g)
+        k = torch.randn(B, Lk, H, 128, generator=g) + off * torch.randn(128, generator=g)
+        v = torch.randn(B, Lk, H, 128, generator=g)
+        q, k, v = (x.to(device, torch.bfloat16) for x in (q, k, v))
+        try:
+            out = fn(q, k, v)
+        except Exception as e:
+            return False, f"failed: {type(e).__name__}: {e}"
+        ref = attention_ref(q.float(), k.float(), v.float())
+        if out.shape != ref.shape or not torch.isfinite(out).all():
+            return False, "wrong shape or non-finite output"
+        r, c = rel_l2(out, ref), cosine(out, ref)
+        worst = (max(worst[0], r), min(worst[1], c))
+    ok = worst[0] <= GATE_REL_L2 and worst[1] >= GATE_COSINE
+    return ok, f"rel-L2 {worst[0]:.2e}, cosine {worst[1]:.6f}"
+
+
+def _time_ms(fn: AttentionFn, device: str | torch.device) -> float:
+    q, k, v = (torch.randn(1, 8192, 8, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(3):
+        fn(q, k, v)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(10):
+        fn(q, k, v)
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 10
+
+
+def auto_attention_backend() -> str:
+    """The fastest available backend that passes `self_check` on this GPU; computed once,
+    logged, and kept in `auto_attention_report()`. On CPU: "sdpa"."""
+    if "choice" in _auto_report:
+        return str(_auto_report["choice"])
+    if not torch.cuda.is_available():
+        _auto_report.update(choice="sdpa", checks={"sdpa": "CPU: no self-check"})
+        return "sdpa"
+    checks: dict[str, str] = {}
+    times: dict[str, float] = {}
+    for name in AUTO_CANDIDATES:
+        if not _try_load(name):
+            checks[name] = f"unavailable ({_unavailable.get(name, '?')})"
+            continue
+        ok, msg = self_check(_BACKENDS[name])
+        if ok:
+            times[name] = _time_ms(_BACKENDS[name], "cuda")
+            msg += f", {times[name]:.3f} ms"
+        checks[name] = ("passed: " if ok else "rejected: ") + msg
+    choice = min(times, key=times.__getitem__) if times else "sdpa"
+    _auto_report.update(choice=choice, checks=checks)
+    log.warning(
+        "attention auto: using %s (%s)", choice, "; ".join(f"{k} {v}" for k, v in checks.items())
+    )
+    return choice
+
+
+def auto_attention_report() -> dict[str, object]:
+    return dict(_auto_report)
+
+
+@contextlib.contextmanager
+def attention_backend_override(name: str) -> Iterator[None]:
+    """Run the enclosed code with backend `name` (e.g. "sdpa" on the first/last N sampling
+    steps), then restore the previous one. Compiled code reads the active backend at trace
+    time, so expect one extra graph per backend used."""
+    prev = _active[0]
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        _active[0] = prev
 
 
 def attention_backend() -> str:

@@ -1,0 +1,347 @@
+"""8-bit attention in Triton for Hopper: INT8 Q·Kᵀ, FP8 P·V, fp32 online softmax.
+
+Layout in and out is the model's [B, L, H, D] (D = 128), non-causal, any Lq and Lk.
+
+Algorithm (the PyTorch simulation is `lightx2v.ops.attention.attention_8bit_sim`):
+
+1. Statistics pre-pass (`_stats_kernel`, one read of k and v): per (batch, head, channel)
+   mean of k, mean of v and the range of v, as per-chunk partials summed by torch.
+2. Quantisation pre-pass (`_quant_qk_kernel` twice, `_quant_v_kernel`):
+   q · (D^-½ · log2 e) → INT8 with one fp32 scale per BLOCK_M rows (so the softmax runs in
+   base 2 with no extra multiply); k − mean_k → INT8 with one scale per BLOCK_N rows
+   (subtracting a per-channel constant from every key adds the same number to every
+   logit of a query row, which softmax ignores; it removes the large shared offsets that
+   would otherwise eat the INT8 range). With FP8 P·V only: v − offset → FP8 e4m3 with one
+   scale per channel (offset = the channel's mean where that is large, see `v_offset`),
+   written transposed ([B·H, D, Lk_pad]) because Hopper's FP8 tensor-core instruction
+   wants the reduction dimension contiguous for its B operand; the offset is added back at
+   the end (softmax rows sum to 1). With bf16 P·V, v is read as given.
+3. Main kernel (`_attn_fwd_kernel`): per (BLOCK_M query rows, batch·head), loop over key
+   blocks: S = q8·k8ᵀ in int32 (exact: |S| ≤ 127²·128 < 2²²), converted to fp32 with the
+   1.5·2²³ trick (an integer add and a reinterpretation instead of a conversion
+   instruction, exact below 2²²) fused with the two scales and the running max into one
+   FMA; P = exp2(S − m + 8) so P ∈ (0, 256] uses FP8's range (the factor 2⁸ cancels
+   between numerator and denominator); O += P·V in bf16, or P8·V8 on FP8 tensor cores,
+   where each tile's product is added to the fp32 accumulator in ordinary fp32 ("two
+   levels", FP8_TWO_LEVEL) because Hopper's FP8 MMA accumulates with fewer bits than fp32.
+   The last, partial key block is peeled off and masked, so the main loop has no masks.
+   q, k and v tiles move by TMA (tensor descriptors).
+
+Padding: q and k rows are padded with zeros up to a multiple of 128 in the quantised
+copies; the main loop never reads padded keys unmasked, and padded query rows are never
+stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+MAGIC_I = 0x4B400000  # bit pattern of 12582912.0 = 1.5·2²³
+MAGIC_F = 12582912.0
+P_SHIFT = 8.0  # P is stored as 2⁸·exp2(s − m): max 256 < 448 (e4m3's largest finite)
+PAD = 128  # quantised copies are padded to a multiple of this many rows
+STATS_CHUNK = 512
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) used unless the caller names one: the fastest
+# of `tools/bench_attention.py --sweep` on an H200, 2026-11-27, S = 32760, H = 40:
+# bf16 P·V 614-619 TFLOP/s at (128, 128, 8, 4); FP8 P·V 700-765 at (64, 128, 4, 2|3)
+# (run-to-run spread ≈ 5%), where 64-row tiles on one warpgroup let two programs share a
+# multiprocessor and overlap one's softmax with the other's matrix products. None of these
+# spills registers (cubin resource usage); pointer-tensor loads spilled 400-2800 bytes,
+# hence the TMA descriptors.
+BF16_CONFIG = (128, 128, 8, 4)
+FP8_CONFIG = (64, 128, 4, 2)
+# FP8 P·V: add each tile's product to the fp32 accumulator in ordinary fp32 (True), or let
+# the tensor cores accumulate across the whole key loop (False). Hopper's FP8 MMA
+# accumulates with fewer bits than fp32; at S = 75600 one level measured rel-L2 3.96e-2
+# against two levels' 3.89e-2, and neither was reliably faster (H200, 2026-11-27).
+FP8_TWO_LEVEL = True
+
+
+@triton.jit
+def _stats_kernel(
+    K, V, PART, L, H, nch, part_stride,
+    skb, skl, skh, svb, svl, svh,
+    CHUNK: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, WITH_V: tl.constexpr,
+):  # fmt: skip
+    """Partials over one chunk of tokens: Σk (and Σv, max v, min v) per channel."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    d = tl.arange(0, D)
+    sk = tl.zeros([D], dtype=tl.float32)
+    sv = tl.zeros([D], dtype=tl.float32)
+    mx = tl.full([D], float("-inf"), dtype=tl.float32)
+    mn = tl.full([D], float("inf"), dtype=tl.float32)
+    kb = K + b * skb + h * skh
+    vb = V + b * svb + h * svh
+    for t0 in range(0, CHUNK, BT):
+        t = c * CHUNK + t0 + tl.arange(0, BT)
+        m = t < L
+        kk = tl.load(kb + t[:, None] * skl + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        sk += tl.sum(kk, 0)
+        if WITH_V:
+            vv = tl.load(vb + t[:, None] * svl + d[None, :], mask=m[:, None], other=0.0)
+            vv = vv.to(tl.float32)
+            sv += tl.sum(vv, 0)
+            mx = tl.maximum(mx, tl.max(tl.where(m[:, None], vv, float("-inf")), 0))
+            mn = tl.minimum(mn, tl.min(tl.where(m[:, None], vv, float("inf")), 0))
+    base = PART + (bh * nch + c) * D + d
+    tl.store(base, sk)
+    if WITH_V:
+        tl.store(base + part_stride, sv)
+        tl.store(base + 2 * part_stride, mx)
+        tl.store(base + 3 * part_stride, mn)
+
+
+@triton.jit
+def _quant_qk_kernel(
+    X, MEAN, OUT, SCALE, L, L_pad, H, mult,
+    sxb, sxl, sxh,
+    BLK: tl.constexpr, D: tl.constexpr, SUB_MEAN: tl.constexpr,
+):  # fmt: skip
+    """One block of BLK rows of one head: (x − mean)·mult → INT8, scale = amax/127."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    t = blk * BLK + tl.arange(0, BLK)
+    d = tl.arange(0, D)
+    m = t < L
+    x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxl + d[None, :], mask=m[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if SUB_MEAN:
+        mu = tl.load(MEAN + bh * D + d)
+        x = tl.where(m[:, None], x - mu[None, :], 0.0)
+    x = x * mult
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    amax = tl.maximum(amax, 1e-30)
+    xs = x * (127.0 / amax)
+    xq = (xs + tl.where(xs >= 0, 0.5, -0.5)).to(tl.int8)  # round half away from zero
+    rows = (bh.to(tl.int64) * L_pad + t)[:, None]
+    tl.store(OUT + rows * D + d[None, :], xq)
+    tl.store(SCALE + bh * (L_pad // BLK) + blk, amax / 127.0)
+
+
+@triton.jit
+def _quant_v_kernel(
+    V, MEAN, INV, OUT, L, L_pad, H,
+    svb, svl, svh,
+    BT: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """(v − mean)·inv_scale → FP8 e4m3, stored transposed: OUT[b·h, d, t]."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    t = blk * BT + tl.arange(0, BT)
+    d = tl.arange(0, D)
+    m = t < L
+    v = tl.load(V + b * svb + h * svh + t[:, None] * svl + d[None, :], mask=m[:, None], other=0.0)
+    mu = tl.load(MEAN + bh * D + d)
+    inv = tl.load(INV + bh * D + d)
+    x = tl.where(m[:, None], (v.to(tl.float32) - mu[None, :]) * inv[None, :], 0.0)
+    xt = tl.trans(x.to(tl.float8e4nv))
+    base = OUT + bh.to(tl.int64) * D * L_pad
+    tl.store(base + d[:, None] * L_pad + t[None, :], xt)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    DQ, QS, DK, KS, DV, VMEAN, VSCALE, DO,
+    Lk, Lq_pad, Lk_pad, H,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr, TWO_LEVEL: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M query rows of one (batch, head). All tiles move through the
+    tensor-memory accelerator (descriptors), so no per-element pointers take registers.
+    DQ [B·H·Lq_pad, D] i8, DK [B·H·Lk_pad, D] i8, DV either [B·H·D, Lk_pad] fp8 (PV_FP8)
+    or the caller's [B, Lk, H, D], DO the output [B, Lq, H, D] (rows past Lq are clipped
+    by the store, keys past Lk of a 4-d V read as zeros)."""
+    mblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = DQ.load([bh * Lq_pad + mblk * BLOCK_M, 0])
+    qs = tl.load(QS + bh * (Lq_pad // BLOCK_M) + mblk)
+    k_row = bh * Lk_pad
+    ks_ptr = KS + bh * (Lk_pad // BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+    n_full = Lk // BLOCK_N
+    for j in range(0, n_full):
+        k = DK.load([k_row + j * BLOCK_N, 0])
+        s = qs * tl.load(ks_ptr + j)
+        qk = tl.dot(q, tl.trans(k))  # int32, exact
+        m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * s)
+        bias = m_new - 8.0 + 12582912.0 * s
+        # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_new + 8, one FMA
+        qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+        p = tl.math.exp2(qkf * s - bias[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_FP8:
+            vt = DV.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N]
+            p8 = p.to(tl.float8e4nv)
+            if TWO_LEVEL:
+                acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+            else:
+                acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+        else:
+            v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    if n_full * BLOCK_N < Lk:  # the last, partial key block
+        j = n_full
+        valid = (j * BLOCK_N + offs_n) < Lk
+        k = DK.load([k_row + j * BLOCK_N, 0])
+        s = qs * tl.load(ks_ptr + j)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * s
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - (m_new - 8.0)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_FP8:
+            vt = DV.load([bh * D, j * BLOCK_N])  # padded with zeros
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+        else:
+            v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)  # zeros past Lk
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    out = acc * (1.0 / l_i)[:, None]
+    if PV_FP8:
+        d = tl.arange(0, D)
+        vscale = tl.load(VSCALE + bh * D + d)
+        vmean = tl.load(VMEAN + bh * D + d)
+        out = out * vscale[None, :] + vmean[None, :]
+    DO.store([b, mblk * BLOCK_M, h, 0], out.to(DO.dtype).reshape(1, BLOCK_M, 1, D))
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    e = x.element_size()
+    return (
+        x.stride(-1) == 1
+        and all(st * e % 16 == 0 for st in x.stride()[:-1])
+        and x.data_ptr() % 16 == 0
+    )
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def v_offset(v_mean: torch.Tensor, v_max: torch.Tensor, v_min: torch.Tensor) -> torch.Tensor:
+    """The per-channel offset taken out of v before FP8: its mean where that mean is large
+    against the channel's range, else 0. (Subtracting a mean smaller than FP8's step makes
+    the rounding error the same sign across tokens, so it no longer averages out in P·V;
+    on random normal v that doubled the error.)"""
+    amax = torch.maximum(v_max.abs(), v_min.abs())
+    return torch.where(v_mean.abs() >= 0.125 * amax, v_mean, torch.zeros_like(v_mean))
+
+
+def quantize_qkv(q, k, v, block_m: int, block_n: int, pv_fp8: bool):
+    """The pre-pass: INT8 q and k with per-block scales; with pv_fp8, FP8 v (transposed)
+    with a per-channel scale and offset. Returns a dict of the quantised tensors."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    BH = B * H
+    dev = q.device
+    Lq_pad, Lk_pad = _round_up(Lq, PAD), _round_up(Lk, PAD)
+    nch = triton.cdiv(Lk, STATS_CHUNK)
+    part = torch.empty(4 if pv_fp8 else 1, BH, nch, D, device=dev, dtype=torch.float32)
+    _stats_kernel[(nch, BH)](
+        k, v, part, Lk, H, nch, BH * nch * D,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        CHUNK=STATS_CHUNK, BT=32, D=D, WITH_V=pv_fp8, num_warps=4,
+    )  # fmt: skip
+    k_mean = part[0].sum(1) / Lk
+
+    q8 = torch.empty(BH, Lq_pad, D, device=dev, dtype=torch.int8)
+    qs = torch.empty(BH, Lq_pad // block_m, device=dev, dtype=torch.float32)
+    k8 = torch.empty(BH, Lk_pad, D, device=dev, dtype=torch.int8)
+    ks = torch.empty(BH, Lk_pad // block_n, device=dev, dtype=torch.float32)
+    mult = D**-0.5 * LOG2E
+    _quant_qk_kernel[(Lq_pad // block_m, BH)](
+        q, q, q8, qs, Lq, Lq_pad, H, mult, q.stride(0), q.stride(1), q.stride(2),
+        BLK=block_m, D=D, SUB_MEAN=False, num_warps=8,
+    )  # fmt: skip
+    _quant_qk_kernel[(Lk_pad // block_n, BH)](
+        k, k_mean, k8, ks, Lk, Lk_pad, H, 1.0, k.stride(0), k.stride(1), k.stride(2),
+        BLK=block_n, D=D, SUB_MEAN=True, num_warps=8,
+    )  # fmt: skip
+    out = dict(q8=q8, qs=qs, k8=k8, ks=ks, Lq_pad=Lq_pad, Lk_pad=Lk_pad)
+    if pv_fp8:
+        v_mean = v_offset(part[1].sum(1) / Lk, part[2].amax(1), part[3].amin(1))
+        v_amax = torch.maximum(part[2].amax(1) - v_mean, v_mean - part[3].amin(1))
+        v_scale = v_amax.clamp_min(1e-30) / 448.0
+        vt8 = torch.empty(BH, D, Lk_pad, device=dev, dtype=torch.float8_e4m3fn)
+        _quant_v_kernel[(Lk_pad // 64, BH)](
+            v, v_mean, 1.0 / v_scale, vt8, Lk, Lk_pad, H, v.stride(0), v.stride(1), v.stride(2),
+            BT=64, D=D, num_warps=4,
+        )  # fmt: skip
+        out.update(vt8=vt8, v_mean=v_mean, v_scale=v_scale)
+    return out
+
+
+def attention_int8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pv_fp8: bool = False,
+    config: tuple[int, int, int, int] | None = None,
+    two_level: bool | None = None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√D)·v over [B, L, H, D] tensors (bf16/fp16, D = 128); returns a new
+    contiguous [B, Lq, H, D] tensor of q's dtype. Q·Kᵀ in INT8; P·V in FP8 with pv_fp8,
+    else in v's own 16-bit type."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if D != 128 or k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
+    if Lk == 0 or Lq == 0:
+        raise ValueError("lx2v-int8 attention needs non-empty q and k")
+    # TMA needs a unit last stride and 16-byte aligned other strides and base
+    q, k, v = (x if _tma_ok(x) else x.contiguous() for x in (q, k, v))
+    block_m, block_n, warps, stages = config or (FP8_CONFIG if pv_fp8 else BF16_CONFIG)
+    two_level = FP8_TWO_LEVEL if two_level is None else two_level
+    qz = quantize_qkv(q, k, v, block_m, block_n, pv_fp8)
+    out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
+    grid = (triton.cdiv(Lq, block_m), B * H)
+    dq = _desc(qz["q8"].view(-1, D), [block_m, D])
+    dk = _desc(qz["k8"].view(-1, D), [block_n, D])
+    if pv_fp8:
+        dv = _desc(qz["vt8"].view(-1, qz["Lk_pad"]), [D, block_n])
+        vmean, vscale = qz["v_mean"], qz["v_scale"]
+    else:
+        dv = _desc(v, [1, block_n, 1, D])
+        vmean = vscale = qz["qs"]  # unused
+    do = _desc(out, [1, block_m, 1, D])
+    _attn_fwd_kernel[grid](
+        dq, qz["qs"], dk, qz["ks"], dv, vmean, vscale, do,
+        Lk, qz["Lq_pad"], qz["Lk_pad"], H,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, PV_FP8=pv_fp8, TWO_LEVEL=two_level,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+def config(pv_fp8: bool) -> tuple[int, int, int, int]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) used by default for a P·V precision."""
+    return FP8_CONFIG if pv_fp8 else BF16_CONFIG
