@@ -291,8 +291,12 @@ def cmd_info(args) -> int:
     print(
         f"attention: active {attention_backend()}; available {', '.join(available_attention_backends())}"
     )
+    from lightx2v.ops.dispatch import kernel_report
     from lightx2v.quant.linear import available_backends
 
+    rep = kernel_report()
+    why = f" ({rep['reason']})" if rep["reason"] else ""
+    print(f"fused ops ({', '.join(rep['ops'])}): {rep['backend']}{why}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for scheme in ("fp8", "int8"):
         print(f"{scheme} linear backends on {dev}: {', '.join(available_backends(scheme, dev))}")

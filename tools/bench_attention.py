@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import statistics
 import sys
@@ -27,17 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-try:  # installed: kernels/ is the package lightx2v.kernels
-    import lightx2v.kernels.attention as K
-except ImportError:  # source tree: map kernels/ to lightx2v.kernels by path
-    spec = importlib.util.spec_from_file_location(
-        "lightx2v.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")],
-    )  # fmt: skip
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lightx2v.kernels"] = mod
-    spec.loader.exec_module(mod)
-    import lightx2v.kernels.attention as K
+import lightx2v.kernels.attention as K  # noqa: E402  (lightx2v maps kernels/ in a checkout)
 
 from lightx2v.ops import attention as A  # noqa: E402
 

@@ -25,6 +25,9 @@ from torch import nn
 
 from lightx2v.config import WanArch
 from lightx2v.ops.attention import attention
+from lightx2v.ops.norm import adaln, affine_layer_norm
+from lightx2v.ops.residual import residual_add_
+from lightx2v.ops.rope import qk_norm_rope
 
 # text k, v (+ image k, v for I2V), each [B, T|I, N, Dh]
 CrossKV = tuple[torch.Tensor, ...]
@@ -62,16 +65,6 @@ def rope_angles(arch: WanArch, grid: tuple[int, int, int], device: torch.device)
         dim=-1,
     )
     return full.reshape(f * h * w, -1)
-
-
-def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved (real, imag) pairs of x [B, L, N, Dh] by angles given as cos/sin [L, 1, Dh/2].
-
-    Computed as one complex multiply in fp32 (fewer memory passes than real arithmetic).
-    """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, N, Dh/2]
-    rot = torch.complex(cos, sin)
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,11 +106,12 @@ class SelfAttention(nn.Module):
         return self.q(x), self.k(x), self.v(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)  # [B, L, D] each
-        q = self.norm_q(q).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
-        k = self.norm_k(k).unflatten(-1, (self.num_heads, -1))
-        v = v.unflatten(-1, (self.num_heads, -1))
-        out = attention(rope_apply(q, cos, sin), rope_apply(k, cos, sin), v)
+        q, k, v = self.project_qkv(x)  # [B, L, D] each (slices of one fused output are fine)
+        eps = self.norm_q.eps
+        q, k = qk_norm_rope(
+            q, k, self.norm_q.weight, self.norm_k.weight, cos, sin, self.num_heads, eps
+        )
+        out = attention(q, k, v.unflatten(-1, (self.num_heads, -1)))  # [B, L, N, Dh]
         return self.o(out.flatten(2))
 
 
@@ -197,14 +191,15 @@ class WanBlock(nn.Module):
         cross_kv: CrossKV,  # from self.cross_attn.kv(context, context_img)
     ) -> torch.Tensor:
         dt = cross_kv[1].dtype  # the compute dtype
-        mod = (self.modulation.float() + e)[:, :, None]  # [B, 6, 1, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        h = torch.addcmul(shift1, layer_norm(x, self.eps), 1 + scale1)
-        x = torch.addcmul(x, self.self_attn(h.to(dt), cos, sin), gate1)  # fp32 += bf16·fp32
-        h = layer_norm(x, self.eps, self.norm3)
-        x = x + self.cross_attn(h.to(dt), cross_kv)
-        h = torch.addcmul(shift2, layer_norm(x, self.eps), 1 + scale2)
-        return torch.addcmul(x, self.ffn(h.to(dt)), gate2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)
+        # x is updated in place (fused gated residual): callers that keep a block's input
+        # must copy it first
+        h = adaln(x, shift1, scale1, self.eps, dt)
+        x = residual_add_(x, self.self_attn(h, cos, sin), gate1)
+        h = affine_layer_norm(x, self.norm3.weight, self.norm3.bias, self.eps, dt)
+        x = residual_add_(x, self.cross_attn(h, cross_kv))
+        h = adaln(x, shift2, scale2, self.eps, dt)
+        return residual_add_(x, self.ffn(h), gate2)
 
 
 class Head(nn.Module):
@@ -216,7 +211,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + t_emb[:, None].float()).unbind(1)
-        h = layer_norm(x, self.eps) * (1 + scale[:, None]) + shift[:, None]
+        h = adaln(x, shift, scale, self.eps, torch.float32)
         return F.linear(h, self.head.weight.float(), self.head.bias.float())
 
 

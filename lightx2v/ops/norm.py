@@ -1,0 +1,202 @@
+"""LayerNorm for the DiT block: adaLN (LN + modulation) and the affine LayerNorm, fused.
+
+    adaln(x, shift, scale)             = LN(x) · (1 + scale) + shift, cast to out_dtype
+    adaln_fp8(x, shift, scale)         = the same, as float8_e4m3fn q and per-token scale s
+                                         with h ≈ q · s, s = max(amax_row |h|, 1e-12) / 448,
+                                         q = h · (448 / amax) rounded to nearest
+    affine_layer_norm(x, weight, bias) = LN(x) · weight + bias, cast to out_dtype
+
+LN is affine-free: mean and variance over the last dim in fp32, eps inside the root.
+Shapes: x [B, L, D] (the fp32 residual stream; any float dtype and any batch/row strides);
+shift, scale [B, D] or [B, 1, D] (one vector per batch row; [1, D] broadcasts); weight,
+bias [D]. Outputs are new contiguous [B, L, D] tensors; the FP8 scale is [B, L, 1] fp32 so
+`q.float() * s` dequantizes and `s.view(-1, 1)` is the rowwise scale torch._scaled_mm takes.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from lightx2v.ops.dispatch import kernel_module, use_kernels
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_AMAX = 1e-12  # keeps an all-zero row's scale finite
+
+
+# ---------------------------------------------------------------------------------------
+# references: the definition of each op, fp32 inside
+
+
+def adaln_fp32(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    """LN(x) · (1 + scale) + shift in fp32, [B, L, D] with [B, D] modulation."""
+    h = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return h * (1 + scale.float()[:, None]) + shift.float()[:, None]
+
+
+def adaln_ref(x, shift, scale, eps: float = 1e-6, out_dtype: torch.dtype = torch.bfloat16):
+    return adaln_fp32(x, shift, scale, eps).to(out_dtype)
+
+
+def quantize_fp8_per_token(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [..., D] → (q float8_e4m3fn [..., D], s fp32 [..., 1]) with h ≈ q · s.
+
+    q = clamp(h · (448 / amax)) rounded to nearest even, s = amax / 448, amax ≥ 1e-12.
+    """
+    h = h.float()
+    amax = h.abs().amax(-1, keepdim=True).clamp(min=FP8_MIN_AMAX)
+    q = (h * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, amax / FP8_MAX
+
+
+def adaln_fp8_ref(x, shift, scale, eps: float = 1e-6):
+    return quantize_fp8_per_token(adaln_fp32(x, shift, scale, eps))
+
+
+def affine_layer_norm_ref(
+    x, weight, bias, eps: float = 1e-6, out_dtype: torch.dtype = torch.bfloat16
+):
+    h = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+    return h.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops: the reference by default, the Triton kernel on CUDA
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("lx2v::adaln", mutates_args=())
+def _adaln_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return adaln_ref(x, shift, scale, eps, out_dtype)
+
+
+@_adaln_op.register_fake
+def _(x, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@_adaln_op.register_kernel("cuda")
+def _(x, shift, scale, eps, out_dtype):
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if out.numel():
+        kernel_module("norm").layer_norm(
+            _unit_last(x), out, eps, shift=_unit_last(shift), scale=_unit_last(scale)
+        )
+    return out
+
+
+@torch.library.custom_op("lx2v::adaln_fp8", mutates_args=())
+def _adaln_fp8_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return adaln_fp8_ref(x, shift, scale, eps)
+
+
+@_adaln_fp8_op.register_fake
+def _(x, shift, scale, eps):
+    return (
+        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+    )
+
+
+@_adaln_fp8_op.register_kernel("cuda")
+def _(x, shift, scale, eps):
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if out.numel():
+        kernel_module("norm").layer_norm(
+            _unit_last(x), out, eps,
+            shift=_unit_last(shift), scale=_unit_last(scale), out_scale=out_scale,
+        )  # fmt: skip
+    return out, out_scale
+
+
+@torch.library.custom_op("lx2v::affine_layer_norm", mutates_args=())
+def _affine_layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return affine_layer_norm_ref(x, weight, bias, eps, out_dtype)
+
+
+@_affine_layer_norm_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@_affine_layer_norm_op.register_kernel("cuda")
+def _(x, weight, bias, eps, out_dtype):
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if out.numel():
+        kernel_module("norm").layer_norm(
+            _unit_last(x), out, eps, weight=weight.contiguous(), bias=bias.contiguous()
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the API the model calls
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 3 or not x.dtype.is_floating_point:
+        raise ValueError(f"expected x [B, L, D] floating point, got {tuple(x.shape)} {x.dtype}")
+
+
+def _modulation(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B, D], [B, 1, D] or [1, D] → [B, D] (a view; a batch of one broadcasts)."""
+    B, _, D = x.shape
+    if v.dim() == 3 and v.shape[1] == 1:
+        v = v.squeeze(1)
+    if v.dim() != 2 or v.shape[-1] != D or v.shape[0] not in (1, B):
+        raise ValueError(f"modulation of shape {tuple(v.shape)} does not fit x {tuple(x.shape)}")
+    return v.expand(B, D)
+
+
+def adaln(
+    x: torch.Tensor,  # [B, L, D]
+    shift: torch.Tensor,  # [B, D]
+    scale: torch.Tensor,  # [B, D]
+    eps: float = 1e-6,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """LN(x) · (1 + scale) + shift, fp32 inside, cast to out_dtype: [B, L, D]."""
+    _check_x(x)
+    shift, scale = _modulation(shift, x), _modulation(scale, x)
+    if use_kernels(x):
+        return torch.ops.lx2v.adaln(x, shift, scale, eps, out_dtype)
+    return adaln_ref(x, shift, scale, eps, out_dtype)
+
+
+def adaln_fp8(
+    x: torch.Tensor,  # [B, L, D]
+    shift: torch.Tensor,  # [B, D]
+    scale: torch.Tensor,  # [B, D]
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaLN quantized per token: (q float8_e4m3fn [B, L, D], s fp32 [B, L, 1]), h ≈ q · s."""
+    _check_x(x)
+    shift, scale = _modulation(shift, x), _modulation(scale, x)
+    if use_kernels(x):
+        return torch.ops.lx2v.adaln_fp8(x, shift, scale, eps)
+    return adaln_fp8_ref(x, shift, scale, eps)
+
+
+def affine_layer_norm(
+    x: torch.Tensor,  # [B, L, D]
+    weight: torch.Tensor,  # [D]
+    bias: torch.Tensor,  # [D]
+    eps: float = 1e-6,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """LN(x) · weight + bias, fp32 inside, cast to out_dtype: [B, L, D]."""
+    _check_x(x)
+    D = x.shape[-1]
+    if weight.shape != (D,) or bias.shape != (D,):
+        raise ValueError(f"weight/bias {tuple(weight.shape)}/{tuple(bias.shape)} do not fit D={D}")
+    if use_kernels(x):
+        return torch.ops.lx2v.affine_layer_norm(x, weight, bias, eps, out_dtype)
+    return affine_layer_norm_ref(x, weight, bias, eps, out_dtype)
