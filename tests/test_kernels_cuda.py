@@ -215,4 +215,4 @@ def test_dispatch_reports_triton():
     report = dispatch.kernel_report()
     assert report["backend"] == "triton" and report["cuda_device"]
     x = torch.zeros(1, device=DEV)
-    assert dispatch.use_kernels(x) and not dispatch.use_kernels(x.cpu())
+    assert dispatch.use_kernels(x, "adaln") and not dispatch.use_kernels(x.cpu(), "adaln")

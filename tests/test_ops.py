@@ -196,7 +196,7 @@ def test_cpu_dispatch_is_reference_and_reported():
     assert set(report["ops"]) == set(dispatch.FUSED_OPS)
     if not torch.cuda.is_available():
         assert dispatch.kernel_backend() == "ref" and report["reason"] == "no CUDA device"
-        assert not dispatch.use_kernels(torch.zeros(1))
+        assert not dispatch.use_kernels(torch.zeros(1), "adaln")
 
 
 def test_requested_missing_backend_is_an_error():

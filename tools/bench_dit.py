@@ -20,6 +20,8 @@ import time
 import torch
 
 from lightx2v.config import ARCH_PRESETS, WanArch
+from lightx2v.ops.attention import set_attention_backend
+from lightx2v.ops.dispatch import set_kernel_backend
 
 
 def diffusers_model(arch: WanArch, device):
@@ -98,6 +100,20 @@ def main() -> int:
     p.add_argument(
         "--compile", action="store_true", help="also time ours with regional torch.compile"
     )
+    p.add_argument(
+        "--attention",
+        default="",
+        help="comma list of extra attention backends to time ours with (compiled), e.g. lx2v-int8",
+    )
+    p.add_argument(
+        "--fp8", action="store_true", help="then quantize ours to FP8 and time it (compiled)"
+    )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        help="comma list of fused-op backends for the compiled rows: auto (Triton where it "
+        "beats inductor), ref (PyTorch references, all fused by inductor)",
+    )
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -115,7 +131,13 @@ def main() -> int:
 
     def record(name, fn):
         torch.cuda.reset_peak_memory_stats()
-        sec, first, out = timed(fn, a.repeat)
+        try:
+            sec, first, out = timed(fn, a.repeat)
+        except Exception as e:  # a failing variant is reported in the table, the rest still run
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"{name:<22} FAILED {msg}", flush=True)
+            rows.append({"impl": name, "error": msg})
+            return
         peak = torch.cuda.max_memory_allocated() / 1e9
         outs[name] = out.float()
         rows.append({"impl": name, "s_per_forward": sec, "first_call_s": first, "peak_gb": peak})
@@ -154,13 +176,35 @@ def main() -> int:
             ours.cast(torch.bfloat16).eval()
             del state
             record("lx2v-bf16-eager", lambda: ours(x, t, ctx, clip, y))
+            backends = ["sdpa"] + [b for b in a.attention.split(",") if b]
+
+            def compiled_rows(prec: str) -> None:
+                for kernels in a.kernels.split(","):
+                    set_kernel_backend(kernels)
+                    for backend in backends:
+                        set_attention_backend(backend)
+                        torch._dynamo.reset()
+                        for blk in ours.blocks:  # regional: one graph reused by every block
+                            blk.compile(fullgraph=True, dynamic=False)
+                        name = f"lx2v-{prec}-{backend}-ops:{kernels}-compiled"
+                        record(name, lambda: ours(x, t, ctx, clip, y))
+                set_attention_backend("sdpa")
+                set_kernel_backend("auto")
+
             if a.compile:
-                for blk in ours.blocks:  # regional: one compiled graph reused by every block
-                    blk.compile(fullgraph=True, dynamic=False)
-                record("lx2v-bf16-compiled", lambda: ours(x, t, ctx, clip, y))
+                compiled_rows("bf16")
+            if a.fp8:
+                from lightx2v.quant.linear import quantize_dit
+
+                quantize_dit(ours, "fp8")
+                gc.collect()
+                torch.cuda.empty_cache()
+                compiled_rows("fp8")
     if "diffusers-bf16-eager" in outs:
         ref_out = outs["diffusers-bf16-eager"]
         for row in rows:
+            if row["impl"] not in outs:
+                continue
             o = outs[row["impl"]]
             row["rel_l2_vs_diffusers"] = ((o - ref_out).norm() / ref_out.norm()).item()
     print(
@@ -169,6 +213,9 @@ def main() -> int:
     print("| impl | s/forward | first call s | peak GB | rel L2 vs diffusers |")
     print("|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | failed: {r['error']} | | | |")
+            continue
         rel = r.get("rel_l2_vs_diffusers", float("nan"))
         print(
             f"| {r['impl']} | {r['s_per_forward']:.3f} | {r['first_call_s']:.2f} | {r['peak_gb']:.1f} | {rel:.2e} |"

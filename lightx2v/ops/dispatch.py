@@ -11,7 +11,7 @@ nothing to accelerate). Asking for a backend that is missing is an LX2VError.
 
 Each op is a torch.library custom op (namespace `lx2v`) whose default implementation is
 its reference and whose CUDA implementation launches the Triton kernel. The Python
-wrappers call the op only when `use_kernels(x)`; otherwise they call the reference
+wrappers call the op only when `use_kernels(x, op)`; otherwise they call the reference
 directly, so a compiled graph sees plain aten ops that inductor can fuse.
 """
 
@@ -88,11 +88,21 @@ def kernel_backend() -> str:
     return _state.backend
 
 
-def use_kernels(x: torch.Tensor) -> bool:
-    """True when the fused kernel should run for a tensor on x's device."""
+# Inside a compiled graph the fused ops trace as plain aten so inductor fuses them with
+# their neighbours (bias adds, casts, the residual) instead: measured on an H200, 14B I2V
+# 480P forward, regional compile: bf16 2.855 s with inductor fusing the references vs
+# 2.923 s with our Triton kernels as opaque custom ops (FP8: 2.402 vs 2.490 s; see
+# docs/BENCHMARKS.md). Eager runs use the Triton kernels (3.108 s vs 3.244 s diffusers).
+compile_deferred: set[str] = set(FUSED_OPS)
+
+
+def use_kernels(x: torch.Tensor, op: str) -> bool:
+    """True when op's fused kernel should run for a tensor on x's device."""
     if _state.backend == "missing":
         raise LX2VError(_state.reason)
-    return x.is_cuda and _state.backend == "triton"
+    if not (x.is_cuda and _state.backend == "triton"):
+        return False
+    return not (op in compile_deferred and torch.compiler.is_compiling())
 
 
 def kernel_report() -> dict:

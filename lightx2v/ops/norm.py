@@ -166,7 +166,7 @@ def adaln(
     """LN(x) · (1 + scale) + shift, fp32 inside, cast to out_dtype: [B, L, D]."""
     _check_x(x)
     shift, scale = _modulation(shift, x), _modulation(scale, x)
-    if use_kernels(x):
+    if use_kernels(x, "adaln"):
         return torch.ops.lx2v.adaln(x, shift, scale, eps, out_dtype)
     return adaln_ref(x, shift, scale, eps, out_dtype)
 
@@ -180,7 +180,7 @@ def adaln_fp8(
     """adaLN quantized per token: (q float8_e4m3fn [B, L, D], s fp32 [B, L, 1]), h ≈ q · s."""
     _check_x(x)
     shift, scale = _modulation(shift, x), _modulation(scale, x)
-    if use_kernels(x):
+    if use_kernels(x, "adaln_fp8"):
         return torch.ops.lx2v.adaln_fp8(x, shift, scale, eps)
     return adaln_fp8_ref(x, shift, scale, eps)
 
@@ -197,6 +197,6 @@ def affine_layer_norm(
     D = x.shape[-1]
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(f"weight/bias {tuple(weight.shape)}/{tuple(bias.shape)} do not fit D={D}")
-    if use_kernels(x):
+    if use_kernels(x, "affine_layer_norm"):
         return torch.ops.lx2v.affine_layer_norm(x, weight, bias, eps, out_dtype)
     return affine_layer_norm_ref(x, weight, bias, eps, out_dtype)

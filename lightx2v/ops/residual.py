@@ -62,7 +62,7 @@ def residual_add_(
     if gate.dim() != 2 or gate.shape[-1] != D or gate.shape[0] not in (1, B):
         raise ValueError(f"residual_add_: gate {tuple(gate.shape)} does not fit x {tuple(x.shape)}")
     gate = gate.expand(B, D)
-    if use_kernels(x):
+    if use_kernels(x, "gated_residual_"):
         torch.ops.lx2v.gated_residual_(x, y, gate)
     else:
         gated_residual_ref_(x, y, gate)

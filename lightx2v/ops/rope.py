@@ -127,7 +127,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """x · rsqrt(mean(x²) + eps) · weight over the last dim, fp32 inside: [B, L, D] → same."""
     if x.dim() != 3 or weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: x {tuple(x.shape)} with weight {tuple(weight.shape)}")
-    if use_kernels(x):
+    if use_kernels(x, "rms_norm"):
         return torch.ops.lx2v.rms_norm(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
@@ -152,6 +152,6 @@ def qk_norm_rope(
         raise ValueError(f"qk_norm_rope: cos {tuple(cos.shape)} / sin {tuple(sin.shape)}, L={L}")
     if weight_q.shape != (D,) or weight_k.shape != (D,):
         raise ValueError(f"qk_norm_rope: weights {tuple(weight_q.shape)}, D={D}")
-    if use_kernels(q):
+    if use_kernels(q, "qk_norm_rope"):
         return torch.ops.lx2v.qk_norm_rope(q, k, weight_q, weight_k, cos, sin, num_heads, eps)
     return qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, num_heads, eps)
