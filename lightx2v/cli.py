@@ -86,8 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="random seed (default 42)")
     r.add_argument(
         "--sampler",
-        choices=["unipc", "euler"],
-        help="sampler (default unipc, as the official code)",
+        choices=["unipc", "euler", "distill4"],
+        help="sampler (default unipc, as the official code); distill4: the 4-step schedule of "
+        "step-distilled models (LightX2V's distilled checkpoints, or a base model with a "
+        "distillation --lora), which runs 4 steps without CFG",
+    )
+    r.add_argument(
+        "--teacache",
+        type=float,
+        metavar="THRESH",
+        help="TeaCache: skip the block stack on steps whose input changed little (threshold "
+        "0.1-0.3 trades quality for speed; default 0 = off); skipped steps are printed",
+    )
+    r.add_argument(
+        "--teacache-variant",
+        choices=["e0", "e"],
+        help="TeaCache indicator: e0 = modulation, first 5 steps always run (default); "
+        "e = time embedding, first and last steps always run",
+    )
+    r.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:STRENGTH]",
+        help="merge a LoRA (.safetensors) into the DiT at load, strength default 1; repeatable",
     )
     r.add_argument("--fps", type=int, help="frames per second of the written video (default 16)")
     r.add_argument("-o", "--output", help="output .mp4 path (default output.mp4)")
@@ -178,6 +199,7 @@ def cmd_run(args) -> int:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "image": args.image,
         "frames": args.frames, "steps": args.steps, "guidance": args.guidance,
         "shift": args.shift, "seed": args.seed, "sampler": args.sampler, "fps": args.fps,
+        "teacache": args.teacache, "teacache_variant": args.teacache_variant,
     }  # fmt: skip
     for k, v in overrides.items():
         if v is not None:
@@ -196,6 +218,8 @@ def cmd_run(args) -> int:
         rt.compile = args.compile
     if args.save_frames:
         rt.save_frames = args.save_frames
+    if args.lora:
+        rt.loras = [*rt.loras, *args.lora]
     output = args.output or cfg.output
     if args.attention:
         from lightx2v.ops.attention import set_attention_backend
@@ -211,6 +235,18 @@ def cmd_run(args) -> int:
         raise LX2VError(f"--task {task} but {ckpt.root} holds a {ckpt.task.upper()} model")
     if embedded and ckpt.task == "i2v" and req.image is None:
         req.image = demo_image(req.height, req.width)
+    from lightx2v.models.wan.lora import parse_lora_args
+
+    parse_lora_args(rt.loras)  # a missing LoRA file → error now, not after loading the model
+    from lightx2v.schedule import is_step_distilled
+
+    if is_step_distilled(req.sampler):  # unset steps/guidance are no user choice to warn about
+        given = cfg_request_keys(args.config)
+        if args.guidance is None and "guidance" not in given:
+            req.guidance = 1.0
+        if args.steps is None and "steps" not in given:
+            req.steps = None
+    req = WanPipeline.resolve_request(req)
     req.validate(ckpt.task)
     if isinstance(req.image, str):
         from lightx2v.io import load_image

@@ -101,8 +101,10 @@ class GenerationRequest:
     guidance: float = 5.0
     shift: float | None = None  # None: the official default, 3 for I2V at 480P, else 5
     seed: int = 42
-    sampler: str = "unipc"  # "unipc" or "euler"
+    sampler: str = "unipc"  # "unipc", "euler", or "distill4" (4-step distilled models)
     fps: int = 16
+    teacache: float = 0.0  # TeaCache threshold; 0 = off (typical 0.1 .. 0.3)
+    teacache_variant: str = "e0"  # "e0" (modulation, ret-steps; upstream default) or "e"
 
     def fill_defaults(self, task: str) -> GenerationRequest:
         """Fill what was left unset with the official Wan2.1 defaults for `task`."""
@@ -125,8 +127,16 @@ class GenerationRequest:
             raise LX2VError(f"--frames {self.frames}: must be 4n+1 (1, 5, 9, ..., 81)")
         if self.steps < 1:
             raise LX2VError(f"--steps {self.steps}: must be at least 1")
-        if self.sampler not in ("unipc", "euler"):
-            raise LX2VError(f"--sampler {self.sampler!r}: expected 'unipc' or 'euler'")
+        from lightx2v.schedule import SAMPLER_NAMES
+
+        if self.sampler not in SAMPLER_NAMES:
+            raise LX2VError(
+                f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLER_NAMES)}"
+            )
+        if not self.teacache >= 0:
+            raise LX2VError(f"--teacache {self.teacache}: the threshold must be >= 0 (0 = off)")
+        if self.teacache_variant not in ("e", "e0"):
+            raise LX2VError(f"--teacache-variant {self.teacache_variant!r}: expected 'e' or 'e0'")
         if self.fps < 1:
             raise LX2VError(f"--fps {self.fps}: must be at least 1")
         if task == "i2v" and self.image is None:
@@ -154,6 +164,7 @@ class RuntimeOptions:
     compile: bool | None = None  # regional torch.compile of the blocks; None: on for CUDA
     vae_tiling: bool = False
     offload_encoders: bool = True  # move text/image encoders off the GPU after use
+    loras: list[str] = field(default_factory=list)  # "PATH[:STRENGTH]", merged at load
     save_frames: str | None = None  # folder for PNG frames
 
 

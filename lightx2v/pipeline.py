@@ -7,6 +7,8 @@ result.save("out.mp4")
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +22,10 @@ from lightx2v.errors import LX2VError
 from lightx2v.io import load_image, resize_image, to_uint8_frames, write_png_frames, write_video
 from lightx2v.models.wan.formats import OFFICIAL, Checkpoint, load_dit, open_checkpoint
 from lightx2v.runtime.runner import DiTRunner, compile_blocks
-from lightx2v.schedule import make_sampler
+from lightx2v.runtime.teacache import TeaCacheRunner
+from lightx2v.schedule import distill_settings, make_sampler
+
+log = logging.getLogger("lightx2v")
 
 VAE_STRIDE = (4, 8, 8)  # latent frames / height / width downsampling
 
@@ -67,6 +72,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_gb: float | None = None
     fps: int = 16
+    teacache: str | None = None  # which steps TeaCache skipped, when it was on
 
     def frames(self):
         """[F, H, W, 3] uint8."""
@@ -86,6 +92,8 @@ class GenerationResult:
                  f"total {t['total']:.2f}s"]  # fmt: skip
         if self.peak_memory_gb is not None:
             parts.append(f"peak GPU memory {self.peak_memory_gb:.2f} GB")
+        if self.teacache:
+            parts.append(self.teacache)
         return ", ".join(parts)
 
 
@@ -100,6 +108,11 @@ class WanPipeline:
         ckpt.check_files()
         self.text_encoder, self.image_encoder, self.vae = self._load_components()
         self.dit = load_dit(ckpt, self.dtype, self.device)
+        if self.runtime.loras:  # before any quantization; FP8 rows are requantized
+            from lightx2v.models.wan.lora import merge_loras, parse_lora_args
+
+            merge_loras(self.dit, parse_lora_args(self.runtime.loras))
+        self.teacache_summary: str | None = None
         compile_on = self.runtime.compile
         if compile_on is None:  # auto: on for CUDA, where it pays; CPU compile is slow to start
             compile_on = self.device.type == "cuda"
@@ -182,16 +195,18 @@ class WanPipeline:
     ) -> tuple[torch.Tensor, list[float]]:
         gen = torch.Generator(device=self.device).manual_seed(req.seed)
         latents = torch.randn(latent_shape(req), generator=gen, device=self.device)  # fp32
-        sampler = make_sampler(req.sampler, req.steps, req.shift)
+        # a step-distilled sampler re-noises from the stream that drew the latents
+        sampler = make_sampler(req.sampler, req.steps, req.shift, generator=gen)
         cfg = context.shape[0] == 2
         if cfg and not self.runtime.cfg_batch:  # cond and uncond one after the other
-            runners = [DiTRunner(self.dit), DiTRunner(self.dit)]
+            runners = [self._runner(req), self._runner(req)]
             for i, r in enumerate(runners):
                 r.begin(context[i : i + 1], None if clip is None else clip[i : i + 1])
             ys = [None if y is None else y[i : i + 1] for i in (0, 1)]
         else:
-            runner = DiTRunner(self.dit)
+            runner = self._runner(req)
             runner.begin(context, clip)
+            runners = [runner]
         step_times = []
         steps = tqdm(sampler.timesteps, desc="denoise", unit="step", disable=not progress,
                      file=sys.stderr, leave=False)  # fmt: skip
@@ -211,7 +226,26 @@ class WanPipeline:
             latents = sampler.step(v, latents)
             self._sync()
             step_times.append(time.perf_counter() - t0)
+        if isinstance(runners[0], TeaCacheRunner):
+            self.teacache_summary = runners[0].teacache_summary()
         return latents, step_times
+
+    def _runner(self, req: GenerationRequest) -> DiTRunner:
+        if req.teacache > 0:
+            return TeaCacheRunner(self.dit, threshold=req.teacache, steps=req.steps,
+                                  variant=req.teacache_variant, size=(req.width, req.height))  # fmt: skip
+        return DiTRunner(self.dit)
+
+    @staticmethod
+    def resolve_request(req: GenerationRequest) -> GenerationRequest:
+        """The request as it will run: a step-distilled sampler fixes steps, guidance, and
+        (when unset) the shift; what the user set and cannot apply is logged."""
+        steps, guidance, shift, notes = distill_settings(
+            req.sampler, req.steps, req.guidance, req.shift
+        )
+        for note in notes:
+            log.warning(note)
+        return dataclasses.replace(req, steps=steps, guidance=guidance, shift=shift)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -223,7 +257,9 @@ class WanPipeline:
             torch.cuda.synchronize(self.device)
 
     def generate(self, req: GenerationRequest, progress: bool = True) -> GenerationResult:
+        req = self.resolve_request(req)
         req.validate(self.task)
+        self.teacache_summary = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
@@ -244,4 +280,5 @@ class WanPipeline:
             "decode": t3 - t2,
             "total": t3 - t0,
         }
-        return GenerationResult(video, latents.float().cpu(), timings, peak, req.fps)
+        return GenerationResult(video, latents.float().cpu(), timings, peak, req.fps,
+                                self.teacache_summary)  # fmt: skip

@@ -192,3 +192,38 @@ def test_cli_convert_verify_run(tiny_ckpts, tmp_path, image_file, capsys):
     assert read_video(out)[0].shape == (5, 32, 48, 3)
     assert main(["convert", "--model", str(tiny_ckpts["i2v", "diffusers"]), "--out", str(dst)]) != 0
     assert "exists" in capsys.readouterr().err
+
+
+def test_teacache_distill_and_lora_through_the_pipeline(pipes, tiny_ckpts, tmp_path, image_file):
+    from safetensors.torch import save_file
+
+    pipe = pipes["t2v", "official"]
+    base = pipe.generate(request("t2v", image_file), progress=False)
+    off = pipe.generate(request("t2v", image_file, teacache=0.0), progress=False)
+    assert torch.equal(base.latents, off.latents) and off.teacache is None
+    on = pipe.generate(
+        request("t2v", image_file, teacache=1e9, teacache_variant="e"), progress=False
+    )
+    assert "skipped 1/3 steps [1]" in on.teacache and "skipped" in on.summary()
+
+    d1 = pipe.generate(request("t2v", image_file, sampler="distill4"), progress=False)
+    d2 = pipe.generate(request("t2v", image_file, sampler="distill4"), progress=False)
+    assert torch.equal(d1.latents, d2.latents)
+    d3 = pipe.generate(request("t2v", image_file, sampler="distill4", seed=7), progress=False)
+    assert not torch.equal(d1.latents, d3.latents)
+
+    g = torch.Generator().manual_seed(0)
+    lora = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 64, generator=g),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(64, 4, generator=g)}  # fmt: skip
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    merged = WanPipeline.from_pretrained(
+        tiny_ckpts["t2v", "official"], RuntimeOptions(loras=[f"{tmp_path / 'l.safetensors'}:0.5"])
+    )
+    w0 = pipe.dit.blocks[0].self_attn.q.weight
+    want = (
+        w0
+        + 0.5
+        * lora["diffusion_model.blocks.0.self_attn.q.lora_up.weight"]
+        @ lora["diffusion_model.blocks.0.self_attn.q.lora_down.weight"]
+    )
+    assert torch.allclose(merged.dit.blocks[0].self_attn.q.weight, want, atol=1e-6)

@@ -23,6 +23,10 @@ Samplers own their step counter and history: build one per generation (or call `
 ``step`` computes in float32 (float64 if the latents are float64) and returns the latents' dtype.
 Step coefficients are Python floats computed in float64 from the float32 sigmas, so stepping
 never reads a device tensor back to the host.
+
+Step-distilled models (LightX2V's 4-step CFG-distilled Wan2.1 checkpoints and LoRAs) use a
+fixed list of training timesteps instead (``FlowSchedule.distilled``, ``DistillFlowSampler``):
+each step predicts x0 and re-noises it to the next level with fresh noise, without CFG.
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ import torch
 from lightx2v.errors import LX2VError
 
 __all__ = [
+    "DISTILL_SHIFT",
+    "DISTILL_STEP_LISTS",
     "SAMPLER_NAMES",
+    "DistillFlowSampler",
     "EulerFlowSampler",
     "FlowSampler",
     "FlowSchedule",
     "UniPCFlowSampler",
+    "distill_settings",
+    "is_step_distilled",
     "make_sampler",
 ]
 
@@ -89,6 +98,38 @@ class FlowSchedule:
         # Truncation, not rounding: upstream casts the float64 product to int64.
         timesteps = torch.tensor([math.trunc(s * n) for s in shifted], dtype=torch.float32)
         return cls(sigmas=sigmas, timesteps=timesteps)
+
+    @classmethod
+    def distilled(
+        cls, step_list: tuple[int, ...], shift: float, num_train_timesteps: int = 1000
+    ) -> FlowSchedule:
+        """The schedule of a step-distilled model, as LightX2V's WanStepDistillScheduler.
+
+        The training grid is ``sigma_j = linspace(1, 0, N + 1)[j]`` for j = 0 .. N-1 in float32
+        (1, 0.999, ..., 0.001 for N = 1000), shifted in float32 as above; step list entry t
+        selects grid index N - t, and the DiT sees ``shifted sigma * N`` unrounded. For
+        [1000, 750, 500, 250] with shift 5: sigmas 1, 0.9375, 0.8333, 0.625 (then 0),
+        timesteps 1000, 937.5, 833.33, 625.
+        """
+        n = num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise LX2VError(f"num_train_timesteps must be an integer >= 2, got {n!r}")
+        ts = list(step_list)
+        if (
+            not ts
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 < t <= n for t in ts)
+            or not all(a > b for a, b in pairwise(ts))
+        ):
+            raise LX2VError(
+                f"distilled step list must be decreasing integers in 1..{n}, got {step_list!r}"
+            )
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise LX2VError(f"sample shift must be a finite number > 0, got {shift!r}")
+        grid = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float32)[:-1]
+        grid = float(shift) * grid / (1 + (float(shift) - 1) * grid)
+        idx = torch.tensor([n - t for t in ts])
+        sigmas = torch.cat([grid[idx], torch.zeros(1)])
+        return cls(sigmas=sigmas, timesteps=grid[idx] * n)
 
 
 class FlowSampler(ABC):
@@ -245,16 +286,114 @@ class UniPCFlowSampler(FlowSampler):
         return x_c - (alpha_t * phi) * (rho_p * d_p + rho_t * (x0_t - m_s))
 
 
+class DistillFlowSampler(FlowSampler):
+    """Sampler of step-distilled models: predict x0, re-noise to the next level.
+
+        x0      = x_i - sigma_i * v_i
+        x_{i+1} = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * noise_i     (the last step returns x0)
+
+    noise_i is fresh float32 standard normal noise drawn from `generator` (latents' shape and
+    device), so a run is deterministic given the generator's seed. As LightX2V, pass the
+    generator that drew the initial latents to continue its stream; or pass `seed` and a
+    generator is made on the latents' device at the first step. Step-distilled models are
+    also CFG-distilled: run them with guidance 1 (see `distill_settings`).
+    """
+
+    name = "distill"
+
+    def __init__(
+        self,
+        schedule: FlowSchedule,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if generator is None and seed is None:
+            raise ValueError("DistillFlowSampler needs a generator or a seed for its noise")
+        self._seed = seed
+        self._init_generator = generator
+        super().__init__(schedule)
+
+    def reset(self) -> None:
+        super().reset()
+        self.generator = self._init_generator
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=x.device).manual_seed(self._seed)
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)
+
+    def _step(self, v: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+        x0 = x - self._sig[i] * v
+        if i == self.steps - 1:
+            return x0
+        s = self._sig[i + 1]
+        return (1.0 - s) * x0 + s * self._noise(x).to(x.dtype)
+
+
+# Step-distilled sampler names → their training-timestep lists.
+DISTILL_STEP_LISTS: dict[str, tuple[int, ...]] = {"distill4": (1000, 750, 500, 250)}
+
 _SAMPLERS: dict[str, type[FlowSampler]] = {
     cls.name: cls for cls in (UniPCFlowSampler, EulerFlowSampler)
 }
-SAMPLER_NAMES: tuple[str, ...] = tuple(_SAMPLERS)
+SAMPLER_NAMES: tuple[str, ...] = (*_SAMPLERS, *DISTILL_STEP_LISTS)
+
+
+def is_step_distilled(name: str) -> bool:
+    return name in DISTILL_STEP_LISTS
+
+
+# The shift step-distilled models were trained with (LightX2V's distill configs: 5, T2V and I2V).
+DISTILL_SHIFT = 5.0
+
+
+def distill_settings(
+    name: str, steps: int | None, guidance: float | None, shift: float | None = None
+) -> tuple[int | None, float | None, float | None, list[str]]:
+    """(steps, guidance, shift, notes) to run sampler `name` with; notes say what changed.
+
+    A step-distilled sampler fixes the step count to its list's length and runs without CFG
+    (the models are CFG-distilled: guidance 1, no negative prompt); an unset (None) shift
+    becomes DISTILL_SHIFT. Unset steps/guidance change silently; values the user set that
+    cannot apply give a note. Other samplers pass everything through.
+    """
+    if name not in DISTILL_STEP_LISTS:
+        return steps, guidance, shift, []
+    n = len(DISTILL_STEP_LISTS[name])
+    notes = []
+    if steps is not None and steps != n:
+        notes.append(f"--sampler {name} runs exactly {n} steps (not {steps})")
+    if guidance is not None and guidance != 1.0:
+        notes.append(
+            f"--sampler {name} is for step- and CFG-distilled models: guidance {guidance:g} "
+            "ignored, running without CFG (guidance 1)"
+        )
+    return n, 1.0, DISTILL_SHIFT if shift is None else shift, notes
 
 
 def make_sampler(
-    name: str, steps: int, shift: float = 5.0, num_train_timesteps: int = 1000
+    name: str,
+    steps: int,
+    shift: float = 5.0,
+    num_train_timesteps: int = 1000,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> FlowSampler:
-    """A fresh sampler over the official shifted schedule; name is one of SAMPLER_NAMES."""
+    """A fresh sampler; name is one of SAMPLER_NAMES.
+
+    unipc/euler walk the official shifted schedule of `steps` steps. A step-distilled name
+    ("distill4") walks its fixed timestep list (steps must equal its length) and draws its
+    re-noising from `generator` (or a generator seeded with `seed`).
+    """
+    if name in DISTILL_STEP_LISTS:
+        step_list = DISTILL_STEP_LISTS[name]
+        if steps != len(step_list):
+            raise LX2VError(f"--sampler {name} runs exactly {len(step_list)} steps, got {steps}")
+        if generator is None and seed is None:
+            raise LX2VError(f"--sampler {name} needs a seed (it re-noises between steps)")
+        schedule = FlowSchedule.distilled(step_list, shift, num_train_timesteps)
+        return DistillFlowSampler(schedule, generator=generator, seed=seed)
     if name not in _SAMPLERS:
         raise LX2VError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
     return _SAMPLERS[name](FlowSchedule.shifted(steps, shift, num_train_timesteps))
