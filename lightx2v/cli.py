@@ -131,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="regional torch.compile of the DiT blocks (default: on for CUDA, off on CPU); compiled kernels are cached across runs",
     )
     r.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs for one video (default 1); N > 1 starts N ranks through torchrun",
+    )
+    r.add_argument(
+        "--ulysses",
+        type=int,
+        help="Ulysses sequence-parallel degree (default: GPUs/2 with CFG parallel, else GPUs); "
+        "must divide the model's head count",
+    )
+    r.add_argument(
+        "--cfg-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cond and uncond on different halves of the GPUs (default: on for an even GPU "
+        "count when CFG is used)",
+    )
+    r.add_argument(
+        "--offload",
+        choices=["none", "block", "disk", "auto"],
+        help="DiT weights: none = all on the GPU; block = in pinned RAM, each block copied in "
+        "while the previous one computes; disk = streamed from the checkpoint files (less RAM "
+        "than the model); auto (default) = resident as far as they fit, the rest streamed",
+    )
+    r.add_argument(
+        "--max-vram", type=float, metavar="GB", help="GPU memory budget for --offload auto"
+    )
+    r.add_argument(
         "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory, slower)"
     )
     r.add_argument("--attention", help="attention backend (default sdpa; `lx2v info` lists them)")
@@ -170,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    """One process, or N torchrun ranks when --gpus N > 1 (this process then launches them)."""
+    if (args.ulysses or args.cfg_parallel) and not (args.gpus and args.gpus > 1):
+        raise LX2VError("--ulysses and --cfg-parallel need --gpus N with N > 1")
+    from lightx2v.runtime import launch
+
+    if launch.wants_relaunch(args.gpus):
+        return launch.relaunch(args.gpus, args.argv, check_gpus=args.device != "cpu")
+    if launch.in_torchrun():
+        return launch.run_rank(lambda: _cmd_run(args, parallel=True))
+    return _cmd_run(args, parallel=False)
+
+
+def _cmd_run(args, parallel: bool) -> int:
     from lightx2v.io import check_output_path, demo_image
     from lightx2v.pipeline import WanPipeline
 
@@ -216,6 +257,10 @@ def cmd_run(args) -> int:
         rt.vae_tiling = True
     if args.compile is not None:
         rt.compile = args.compile
+    if args.offload:
+        rt.offload = args.offload
+    if args.max_vram is not None:
+        rt.max_vram = args.max_vram
     if args.save_frames:
         rt.save_frames = args.save_frames
     if args.lora:
@@ -253,11 +298,25 @@ def cmd_run(args) -> int:
 
         load_image(req.image)  # unreadable image → error now, not after loading 30 GB
 
-    pipe = WanPipeline(ckpt, rt)
-    print(f"lx2v: {ckpt.task.upper()} {ckpt.layout} checkpoint {ckpt.root} on {pipe.device} "
-          f"({str(pipe.dtype).removeprefix('torch.')}), {req.width}x{req.height}, {req.frames} frames, "
-          f"{req.steps} steps", file=sys.stderr)  # fmt: skip
-    result = pipe.generate(req, progress=not args.quiet)
+    rank0 = True
+    if parallel:
+        from lightx2v.runtime import launch
+
+        groups, device = launch.setup_parallel(
+            ckpt.arch.num_heads, args.gpus, args.ulysses, args.cfg_parallel,
+            uses_cfg=req.guidance != 1.0,
+        )  # fmt: skip
+        pipe = launch.ParallelWanPipeline(ckpt, rt, groups, device)
+        rank0 = launch.is_rank0()
+    else:
+        pipe = WanPipeline(ckpt, rt)
+    if rank0:
+        print(f"lx2v: {ckpt.task.upper()} {ckpt.layout} checkpoint {ckpt.root} on {pipe.device} "
+              f"({str(pipe.dtype).removeprefix('torch.')}), {req.width}x{req.height}, "
+              f"{req.frames} frames, {req.steps} steps", file=sys.stderr)  # fmt: skip
+    result = pipe.generate(req, progress=not args.quiet and rank0)
+    if not rank0:  # only the first rank writes the video
+        return 0
     out = result.save(output, rt.save_frames)
     print(f"lx2v: wrote {out} ({req.frames} frames, {req.width}x{req.height}, {req.fps} fps)")
     print(f"lx2v: {result.summary()}")
@@ -343,7 +402,9 @@ COMMANDS = {"run": cmd_run, "convert": cmd_convert, "verify": cmd_verify, "info"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for re-launching under torchrun
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="lx2v: %(message)s", stream=sys.stderr)  # fmt: skip
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

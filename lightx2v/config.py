@@ -164,6 +164,8 @@ class RuntimeOptions:
     compile: bool | None = None  # regional torch.compile of the blocks; None: on for CUDA
     vae_tiling: bool = False
     offload_encoders: bool = True  # move text/image encoders off the GPU after use
+    offload: str = "auto"  # DiT blocks: none | block | disk | auto (resident as far as they fit)
+    max_vram: float | None = None  # GB budget for offload auto (default: the card's free memory)
     loras: list[str] = field(default_factory=list)  # "PATH[:STRENGTH]", merged at load
     save_frames: str | None = None  # folder for PNG frames
 

@@ -21,8 +21,14 @@ from lightx2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, RuntimeO
 from lightx2v.errors import LX2VError
 from lightx2v.io import load_image, resize_image, to_uint8_frames, write_png_frames, write_video
 from lightx2v.models.wan.formats import OFFICIAL, Checkpoint, load_dit, open_checkpoint
+from lightx2v.runtime.offload import (
+    BlockOffloadRunner,
+    apply_offload,
+    load_dit_offloaded,
+    offloader_of,
+)
 from lightx2v.runtime.runner import DiTRunner, compile_blocks
-from lightx2v.runtime.teacache import TeaCacheRunner
+from lightx2v.runtime.teacache import TeaCacheMixin, with_teacache
 from lightx2v.schedule import distill_settings, make_sampler
 
 log = logging.getLogger("lightx2v")
@@ -107,17 +113,30 @@ class WanPipeline:
         self.dtype = resolve_dtype(self.runtime.dtype, self.device)
         ckpt.check_files()
         self.text_encoder, self.image_encoder, self.vae = self._load_components()
-        self.dit = load_dit(ckpt, self.dtype, self.device)
-        if self.runtime.loras:  # before any quantization; FP8 rows are requantized
-            from lightx2v.models.wan.lora import merge_loras, parse_lora_args
-
-            merge_loras(self.dit, parse_lora_args(self.runtime.loras))
+        self.dit = self._load_dit()
         self.teacache_summary: str | None = None
         compile_on = self.runtime.compile
         if compile_on is None:  # auto: on for CUDA, where it pays; CPU compile is slow to start
             compile_on = self.device.type == "cuda"
         if compile_on:
             compile_blocks(self.dit)
+
+    def _load_dit(self):
+        """The DiT with LoRAs merged (FP8 rows are requantized), then offloaded as asked."""
+        rt, dev = self.runtime, self.device
+        if not rt.loras:
+            return load_dit_offloaded(self.ckpt, self.dtype, dev, rt.offload, rt.max_vram)
+        from lightx2v.models.wan.lora import merge_loras, parse_lora_args
+
+        if rt.offload == "disk":
+            raise LX2VError("--lora cannot be combined with --offload disk (the merged weights "
+                            "are not in the files); use --offload block")  # fmt: skip
+        stream = dev.type == "cuda" and rt.offload in ("block", "auto")
+        dit = load_dit(self.ckpt, self.dtype, "cpu" if stream else dev)
+        merge_loras(dit, parse_lora_args(rt.loras))
+        if stream:  # weights are final now: move the blocks to pinned memory
+            apply_offload(dit, rt.offload, dev, max_vram_gb=rt.max_vram)
+        return dit
 
     @classmethod
     def from_pretrained(
@@ -171,6 +190,9 @@ class WanPipeline:
     @torch.no_grad()
     def encode(self, req: GenerationRequest):
         """→ (context [B, 512, text_dim], clip tokens [B, 257, image_dim] | None, y | None)."""
+        off = offloader_of(self.dit)
+        if off is not None and off.auto:  # room for the encoders on a small card
+            off.release()
         prompts = [req.prompt]
         if req.guidance != 1.0:
             neg = DEFAULT_NEGATIVE_PROMPT if req.negative_prompt is None else req.negative_prompt
@@ -189,22 +211,40 @@ class WanPipeline:
             y = self.vae.i2v_condition(cond, req.frames)[None].expand(len(prompts), -1, -1, -1, -1)
         return context, clip, y
 
+    # -- what a parallel or offloaded pipeline overrides ----------------------------------
+
+    def runner_class(self) -> type[DiTRunner]:
+        return BlockOffloadRunner if offloader_of(self.dit) is not None else DiTRunner
+
+    def runner_args(self) -> tuple:
+        return ()
+
+    def make_runner(self, req: GenerationRequest) -> DiTRunner:
+        cls, args = self.runner_class(), self.runner_args()
+        if req.teacache > 0:
+            return with_teacache(cls)(self.dit, *args, threshold=req.teacache, steps=req.steps,
+                                      variant=req.teacache_variant, size=(req.width, req.height))  # fmt: skip
+        return cls(self.dit, *args)
+
+    def initial_noise(self, req: GenerationRequest, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(latent_shape(req), generator=gen, device=self.device)  # fp32
+
     @torch.no_grad()
     def denoise(
         self, req, context, clip, y, progress: bool = True
     ) -> tuple[torch.Tensor, list[float]]:
         gen = torch.Generator(device=self.device).manual_seed(req.seed)
-        latents = torch.randn(latent_shape(req), generator=gen, device=self.device)  # fp32
+        latents = self.initial_noise(req, gen)
         # a step-distilled sampler re-noises from the stream that drew the latents
         sampler = make_sampler(req.sampler, req.steps, req.shift, generator=gen)
         cfg = context.shape[0] == 2
         if cfg and not self.runtime.cfg_batch:  # cond and uncond one after the other
-            runners = [self._runner(req), self._runner(req)]
+            runners = [self.make_runner(req), self.make_runner(req)]
             for i, r in enumerate(runners):
                 r.begin(context[i : i + 1], None if clip is None else clip[i : i + 1])
             ys = [None if y is None else y[i : i + 1] for i in (0, 1)]
         else:
-            runner = self._runner(req)
+            runner = self.make_runner(req)
             runner.begin(context, clip)
             runners = [runner]
         step_times = []
@@ -226,15 +266,9 @@ class WanPipeline:
             latents = sampler.step(v, latents)
             self._sync()
             step_times.append(time.perf_counter() - t0)
-        if isinstance(runners[0], TeaCacheRunner):
+        if isinstance(runners[0], TeaCacheMixin):
             self.teacache_summary = runners[0].teacache_summary()
         return latents, step_times
-
-    def _runner(self, req: GenerationRequest) -> DiTRunner:
-        if req.teacache > 0:
-            return TeaCacheRunner(self.dit, threshold=req.teacache, steps=req.steps,
-                                  variant=req.teacache_variant, size=(req.width, req.height))  # fmt: skip
-        return DiTRunner(self.dit)
 
     @staticmethod
     def resolve_request(req: GenerationRequest) -> GenerationRequest:

@@ -39,7 +39,7 @@ def compile_blocks(dit: WanDiT) -> None:
     if getattr(dit, "blocks_compiled", False):
         return
     enable_compile_cache()
-    for block in dit.blocks:
+    for block in dit.blocks.children():  # children(): no weight streaming when offloaded
         block.compile(fullgraph=True, dynamic=False)
     dit.blocks_compiled = True
 
