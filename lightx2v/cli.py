@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lightx2v import __version__
-from lightx2v.config import REQUEST_PRESETS, RunConfig
+from lightx2v.config import RESOLUTIONS, RUN_PRESETS, RunConfig
 from lightx2v.errors import LX2VError
 
 log = logging.getLogger("lightx2v")
@@ -56,9 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--config", help="JSON file with run settings; flags given here override it")
     r.add_argument(
+        "--resolution",
+        choices=sorted(RESOLUTIONS),
+        help="official size (480p = 832x480, 720p = 1280x720, 81 frames); --size/--frames override it",
+    )
+    r.add_argument(
         "--preset",
-        choices=sorted(REQUEST_PRESETS),
-        help="official size preset (480p = 832x480, 720p = 1280x720, 81 frames); other flags override it",
+        choices=sorted(RUN_PRESETS),
+        help="a named speed/memory configuration (the rows of `lx2v bench`): bf16, bf16-int8attn, "
+        "fp8 (FP8 weights + 8-bit attention), fp8-teacache, distill (4-step distilled models), "
+        "low-vram (block offload), rtx4090 (fits 24 GB); other flags override it",
     )
     r.add_argument("--prompt", help="text prompt")
     r.add_argument("--negative-prompt", help="negative prompt (default: the official Wan2.1 one)")
@@ -161,7 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory, slower)"
     )
-    r.add_argument("--attention", help="attention backend (default sdpa; `lx2v info` lists them)")
+    r.add_argument(
+        "--attention",
+        help="attention backend: sdpa (default), lx2v-int8 (our 8-bit kernel), sage, flash, auto (fastest that passes a self-check); `lx2v info` lists them",
+    )
+    r.add_argument(
+        "--quant",
+        choices=["none", "fp8", "int8"],
+        help="quantize the DiT's linear layers at load (default none; a converted checkpoint is already quantized)",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("convert", help="convert a checkpoint into per-block FP8/INT8/bf16 shards",
@@ -191,6 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path", help="converted checkpoint directory")
 
     sub.add_parser("info", help="versions, devices and which backends/kernels are active")
+
+    b = sub.add_parser(
+        "bench",
+        help="time the 14B I2V DiT at real shapes (random weights) in LightX2V's configurations",
+        description="Random weights at the real shapes, no checkpoint needed: one DiT forward per "
+        "configuration (bf16, 8-bit attention, FP8, TeaCache, 4-step distilled, block offload) "
+        "beside diffusers' WanTransformer3DModel in the same process; encode/decode measured at "
+        "their real configurations; projected seconds per video.",
+    )
+    b.add_argument("--sizes", default="480p", help="comma list of 480p, 720p (default 480p)")
+    b.add_argument(
+        "--arch", default="i2v-14b", choices=["i2v-14b", "tiny"], help="tiny: a CPU dry run"
+    )
+    b.add_argument("--frames", type=int, default=81)
+    b.add_argument("--repeat", type=int, default=2, help="timed calls per configuration (median)")
+    b.add_argument("--device", help="default cuda")
+    b.add_argument(
+        "--time-budget", type=float, default=480.0, help="seconds; later rows are skipped"
+    )
+    b.add_argument("--json", help="write the rows as JSON here")
+    b.add_argument("--markdown", help="write the table as markdown here")
     return p
 
 
@@ -233,9 +269,15 @@ def _cmd_run(args, parallel: bool) -> int:
             file=sys.stderr,
         )
         model = str(embedded_checkpoint(task))
-    if args.preset:
-        for k, v in REQUEST_PRESETS[args.preset].items():
+    if args.resolution:
+        for k, v in RESOLUTIONS[args.resolution].items():
             setattr(req, k, v)
+    if args.preset:
+        preset = RUN_PRESETS[args.preset]
+        for k, v in preset.get("request", {}).items():
+            setattr(req, k, v)
+        for k, v in preset.get("runtime", {}).items():
+            setattr(rt, k, v)
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "image": args.image,
         "frames": args.frames, "steps": args.steps, "guidance": args.guidance,
@@ -267,12 +309,15 @@ def _cmd_run(args, parallel: bool) -> int:
         rt.loras = [*rt.loras, *args.lora]
     output = args.output or cfg.output
     if args.attention:
-        from lightx2v.ops.attention import set_attention_backend
-
-        set_attention_backend(args.attention)
+        rt.attention = args.attention
+    if args.quant:
+        rt.quant = args.quant
 
     # Everything checkable is checked before any weight is loaded.
     check_output_path(output)
+    from lightx2v.ops.attention import set_attention_backend
+
+    set_attention_backend(rt.attention)
     from lightx2v.models.wan.formats import open_checkpoint
 
     ckpt = open_checkpoint(model)
@@ -398,7 +443,19 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "convert": cmd_convert, "verify": cmd_verify, "info": cmd_info}
+def cmd_bench(args) -> int:
+    from lightx2v.bench import main_bench
+
+    return main_bench(args)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "convert": cmd_convert,
+    "verify": cmd_verify,
+    "info": cmd_info,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,8 +145,8 @@ class GenerationRequest:
             raise LX2VError("an image was given but the model is text-to-video (T2V); drop --image")
 
 
-# Named request presets (`--preset`): the official sizes; flags given with them win.
-REQUEST_PRESETS: dict[str, dict[str, Any]] = {
+# Official sizes (`--resolution`); flags given with them win.
+RESOLUTIONS: dict[str, dict[str, Any]] = {
     "480p": {"width": 832, "height": 480, "frames": 81},
     "480p-portrait": {"width": 480, "height": 832, "frames": 81},
     "720p": {"width": 1280, "height": 720, "frames": 81},
@@ -165,9 +165,34 @@ class RuntimeOptions:
     vae_tiling: bool = False
     offload_encoders: bool = True  # move text/image encoders off the GPU after use
     offload: str = "auto"  # DiT blocks: none | block | disk | auto (resident as far as they fit)
+    quant: str = (
+        "none"  # quantize the DiT at load: none | fp8 | int8 (converted checkpoints already are)
+    )
+    attention: str = "sdpa"  # attention backend: sdpa | lx2v-int8 | sage | flash | auto
     max_vram: float | None = None  # GB budget for offload auto (default: the card's free memory)
     loras: list[str] = field(default_factory=list)  # "PATH[:STRENGTH]", merged at load
     save_frames: str | None = None  # folder for PNG frames
+
+
+# Named configurations (`--preset`), one per row of LightX2V's benchmark table, as
+# measured by `lx2v bench`; flags given with a preset win.
+RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "bf16": {"runtime": {"quant": "none", "attention": "sdpa"}},
+    "bf16-int8attn": {"runtime": {"quant": "none", "attention": "lx2v-int8"}},
+    "fp8": {"runtime": {"quant": "fp8", "attention": "lx2v-int8"}},
+    "fp8-teacache": {
+        "runtime": {"quant": "fp8", "attention": "lx2v-int8"},
+        "request": {"teacache": 0.2},
+    },
+    "distill": {
+        "runtime": {"quant": "fp8", "attention": "lx2v-int8"},
+        "request": {"sampler": "distill4"},
+    },
+    "low-vram": {"runtime": {"quant": "fp8", "attention": "lx2v-int8", "offload": "block"}},
+    "rtx4090": {
+        "runtime": {"quant": "fp8", "attention": "lx2v-int8", "offload": "auto", "max_vram": 24}
+    },
+}
 
 
 @dataclass

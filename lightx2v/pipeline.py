@@ -20,7 +20,8 @@ from tqdm import tqdm
 from lightx2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, RuntimeOptions
 from lightx2v.errors import LX2VError
 from lightx2v.io import load_image, resize_image, to_uint8_frames, write_png_frames, write_video
-from lightx2v.models.wan.formats import OFFICIAL, Checkpoint, load_dit, open_checkpoint
+from lightx2v.models.wan.formats import LX2V, OFFICIAL, Checkpoint, load_dit, open_checkpoint
+from lightx2v.ops.attention import set_attention_backend
 from lightx2v.runtime.offload import (
     BlockOffloadRunner,
     apply_offload,
@@ -114,6 +115,7 @@ class WanPipeline:
         ckpt.check_files()
         self.text_encoder, self.image_encoder, self.vae = self._load_components()
         self.dit = self._load_dit()
+        set_attention_backend(self.runtime.attention)
         self.teacache_summary: str | None = None
         compile_on = self.runtime.compile
         if compile_on is None:  # auto: on for CUDA, where it pays; CPU compile is slow to start
@@ -122,18 +124,27 @@ class WanPipeline:
             compile_blocks(self.dit)
 
     def _load_dit(self):
-        """The DiT with LoRAs merged (FP8 rows are requantized), then offloaded as asked."""
+        """The DiT with LoRAs merged (FP8 rows are requantized), quantized at load if asked
+        (a converted checkpoint already is), then offloaded as asked."""
         rt, dev = self.runtime, self.device
-        if not rt.loras:
+        if rt.quant not in ("none", "fp8", "int8"):
+            raise LX2VError(f"--quant {rt.quant!r}: expected none, fp8 or int8")
+        quantize = rt.quant != "none" and self.ckpt.layout != LX2V
+        if not (rt.loras or quantize):
             return load_dit_offloaded(self.ckpt, self.dtype, dev, rt.offload, rt.max_vram)
-        from lightx2v.models.wan.lora import merge_loras, parse_lora_args
-
         if rt.offload == "disk":
-            raise LX2VError("--lora cannot be combined with --offload disk (the merged weights "
-                            "are not in the files); use --offload block")  # fmt: skip
+            raise LX2VError("--offload disk streams the checkpoint's own weights: it cannot be "
+                            "combined with --lora or --quant (convert the checkpoint instead)")  # fmt: skip
         stream = dev.type == "cuda" and rt.offload in ("block", "auto")
         dit = load_dit(self.ckpt, self.dtype, "cpu" if stream else dev)
-        merge_loras(dit, parse_lora_args(rt.loras))
+        if rt.loras:
+            from lightx2v.models.wan.lora import merge_loras, parse_lora_args
+
+            merge_loras(dit, parse_lora_args(rt.loras))
+        if quantize:
+            from lightx2v.quant.linear import quantize_dit
+
+            quantize_dit(dit, rt.quant, device=dev)
         if stream:  # weights are final now: move the blocks to pinned memory
             apply_offload(dit, rt.offload, dev, max_vram_gb=rt.max_vram)
         return dit

@@ -174,7 +174,7 @@ def test_official_defaults_by_task():
 
 def test_preset_then_flags(tiny_ckpts, tmp_path):
     out = tmp_path / "p.mp4"
-    args = ["run", "--model", str(tiny_ckpts["t2v", "official"]), "--preset", "480p", "--size", "48x32",
+    args = ["run", "--model", str(tiny_ckpts["t2v", "official"]), "--resolution", "480p", "--size", "48x32",
             "--frames", "5", "--steps", "1", "-q", "-o", str(out)]  # fmt: skip
     assert main(args) == 0
     assert read_video(out)[0].shape == (5, 32, 48, 3)
@@ -227,3 +227,26 @@ def test_teacache_distill_and_lora_through_the_pipeline(pipes, tiny_ckpts, tmp_p
         @ lora["diffusion_model.blocks.0.self_attn.q.lora_down.weight"]
     )
     assert torch.allclose(merged.dit.blocks[0].self_attn.q.weight, want, atol=1e-6)
+
+
+def test_quantize_at_load_equals_converted(tiny_ckpts, tmp_path, image_file):
+    """--quant fp8 on a bf16/fp32 checkpoint gives the model `lx2v convert` would write."""
+    from lightx2v.quant.convert import convert
+
+    dst = convert(tiny_ckpts["i2v", "official"], tmp_path / "fp8", quant="fp8", progress=False)
+    req = request("i2v", image_file)
+    a = WanPipeline.from_pretrained(dst).generate(req, progress=False).latents
+    at_load = WanPipeline.from_pretrained(tiny_ckpts["i2v", "official"], RuntimeOptions(quant="fp8"))
+    b = at_load.generate(req, progress=False).latents
+    assert (a - b).norm() / a.norm() < 1e-5  # the same FP8 weights and scales, same path
+
+
+def test_preset_sets_runtime(tiny_ckpts, tmp_path, capsys):
+    out = tmp_path / "p.mp4"
+    base = ["run", "--model", str(tiny_ckpts["t2v", "official"]), "--size", "48x32",
+            "--frames", "5", "--steps", "1", "-q", "-o", str(out)]  # fmt: skip
+    assert main([*base, "--preset", "bf16"]) == 0
+    # fp8 asks for our 8-bit attention kernel, which needs a GPU: a clear error on a CPU
+    if not torch.cuda.is_available():
+        assert main([*base, "--preset", "fp8"]) != 0
+        assert "lx2v-int8" in capsys.readouterr().err

@@ -1,0 +1,429 @@
+"""`lx2v bench`: speed and memory at the real shapes, with random weights, no checkpoint.
+
+Builds the Wan2.1 I2V-14B architecture with random weights and times one DiT forward in
+the configurations of LightX2V's published benchmark table, with diffusers'
+`WanTransformer3DModel` (bf16, eager) as the baseline row in the same process, on the
+same weights and inputs. Encode (umT5-XXL, CLIP ViT-H/14, VAE encode of the I2V
+condition) and VAE decode are measured once per size with random weights at their real
+configurations. Each row reports:
+
+    s/forward        median of timed calls, batch 1 (one of cond/uncond)
+    s/step           2 × s/forward with CFG (cond + uncond), 1 × without
+    projected s/video  encode + steps × (1 − TeaCache skip fraction) × s/step + decode
+    peak GB          peak GPU memory allocated during the forward
+
+A TeaCache row projects a stated skip fraction (random weights make TeaCache's own
+decisions meaningless); every other number is measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+
+from lightx2v.config import ARCH_PRESETS, WanArch
+from lightx2v.errors import LX2VError
+
+SIZES = {"480p": (832, 480), "720p": (1280, 720)}
+
+
+@dataclass
+class BenchRow:
+    name: str
+    impl: str = "lx2v"  # "lx2v" or "diffusers"
+    quant: str = "bf16"  # "bf16" or "fp8" (weights; FP8 also quantizes activations per token)
+    attention: str = "sdpa"
+    compile: bool = True
+    offload: str = "none"
+    steps: int = 40
+    cfg: bool = True
+    teacache_skip: float = 0.0  # stated fraction of steps TeaCache skips (projection)
+    preset: str | None = None  # the `lx2v run --preset` that runs this configuration
+    # measured
+    s_per_forward: float | None = None
+    first_call_s: float | None = None
+    peak_gb: float | None = None
+    s_per_step: float | None = None
+    s_per_video: float | None = None
+    vs_baseline: float | None = None
+    note: str = ""
+    size: str = ""
+
+
+def default_rows() -> list[BenchRow]:
+    """LightX2V's table: bf16; + 8-bit attention; FP8 + 8-bit attention; + TeaCache;
+    4-step distilled; block offload. Ordered so each transformation is applied once."""
+    return [
+        BenchRow("diffusers bf16 (baseline)", impl="diffusers", compile=False),
+        BenchRow("lx2v bf16 + sdpa", preset="bf16"),
+        BenchRow("lx2v bf16 + 8-bit attention", attention="lx2v-int8", preset="bf16-int8attn"),
+        BenchRow("lx2v FP8 + 8-bit attention", quant="fp8", attention="lx2v-int8", preset="fp8"),
+        BenchRow(
+            "lx2v FP8 + 8-bit attention + TeaCache",
+            quant="fp8",
+            attention="lx2v-int8",
+            teacache_skip=0.4,
+            preset="fp8-teacache",
+        ),  # fmt: skip
+        BenchRow(
+            "lx2v 4-step distilled, FP8 + 8-bit attention",
+            quant="fp8",
+            attention="lx2v-int8",
+            steps=4,
+            cfg=False,
+            preset="distill",
+        ),  # fmt: skip
+        BenchRow(
+            "lx2v FP8 + 8-bit attention, block offload",
+            quant="fp8",
+            attention="lx2v-int8",
+            offload="block",
+            preset="low-vram",
+        ),  # fmt: skip
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# random models at real shapes
+
+
+def diffusers_dit(arch: WanArch, device) -> torch.nn.Module:
+    """diffusers' WanTransformer3DModel built on `device` in bf16 (its RoPE tables are buffers)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            m = WanTransformer3DModel(
+                patch_size=arch.patch_size,
+                num_attention_heads=arch.num_heads,
+                attention_head_dim=arch.head_dim,
+                in_channels=arch.in_dim,
+                out_channels=arch.out_dim,
+                text_dim=arch.text_dim,
+                freq_dim=arch.freq_dim,
+                ffn_dim=arch.ffn_dim,
+                num_layers=arch.num_layers,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+                eps=arch.eps,
+                image_dim=arch.image_dim if arch.is_i2v else None,
+                added_kv_proj_dim=arch.dim if arch.is_i2v else None,
+            )
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return m.eval()
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """In place: matrices ~ N(0, 1/fan_in), norm weights 1, other vectors N(0, 0.02)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "scale_shift_table" not in name and "modulation" not in name:
+            p.normal_(0, p[0].numel() ** -0.5, generator=g)
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=g)
+
+
+def dit_inputs(arch: WanArch, frames: int, height: int, width: int, device, seed: int = 0):
+    """(x, t, context, clip tokens, y) for one forward at batch 1."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    x = torch.randn(1, 16, *lat, generator=g, device=device)
+    y = torch.randn(1, arch.in_dim - 16, *lat, generator=g, device=device) if arch.is_i2v else None
+    ctx = torch.randn(1, 512, arch.text_dim, generator=g, device=device)
+    clip = torch.randn(1, 257, arch.image_dim, generator=g, device=device) if arch.is_i2v else None
+    t = torch.tensor([500.0], device=device)
+    return x, t, ctx, clip, y
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, repeat: int, device) -> tuple[float, float, object]:
+    """(median seconds of `repeat` calls after one warm-up call, warm-up seconds, output)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first, out
+
+
+# ---------------------------------------------------------------------------------------
+# encode / decode at real configurations
+
+
+def _umt5_xxl(device, dtype):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                     num_heads=64, feed_forward_proj="gated-gelu")  # fmt: skip
+    with torch.device("meta"):
+        m = UMT5EncoderModel(cfg)
+    m.to_empty(device=device).to(dtype)
+    randomize_(m, 1)
+    return m.eval()
+
+
+def _clip_vit_h(device, dtype):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=16, image_size=224, patch_size=14,
+                           hidden_act="gelu")  # fmt: skip
+    with torch.device("meta"):
+        m = CLIPVisionModel(cfg)
+    m.to_empty(device=device).to(dtype)
+    randomize_(m, 2)
+    emb = m.vision_model.embeddings
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device)[None],
+                        persistent=False)  # fmt: skip
+    return m.eval()
+
+
+def _wan_vae(device, dtype):
+    from diffusers import AutoencoderKLWan
+
+    from lightx2v.models.wan.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WanVAE
+
+    with torch.device("meta"):
+        m = AutoencoderKLWan()  # the Wan2.1 VAE's own configuration (base_dim 96, z_dim 16)
+    m.to_empty(device=device)
+    randomize_(m, 3)
+    return WanVAE(m, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD).to(device, dtype)
+
+
+@torch.no_grad()
+def encode_decode_seconds(width: int, height: int, frames: int, device, log=print) -> dict:
+    """Measured seconds of the per-video stages with random weights at real sizes."""
+    out = {}
+    dtype = torch.bfloat16
+    t5 = _umt5_xxl(device, dtype)
+    ids = torch.randint(0, 256384, (2, 512), device=device)
+    mask = torch.ones_like(ids)
+    out["text_encode"], _, _ = timed(partial(t5, input_ids=ids, attention_mask=mask), 2, device)
+    del t5
+    clip = _clip_vit_h(device, torch.float16)
+    px = torch.randn(1, 3, 224, 224, device=device, dtype=torch.float16)
+    run_clip = partial(clip, pixel_values=px, output_hidden_states=True)
+    out["image_encode"], _, _ = timed(run_clip, 2, device)
+    del run_clip
+    del clip
+    vae = _wan_vae(device, dtype)
+    img = torch.rand(3, height, width, device=device) * 2 - 1
+    out["vae_encode_condition"], _, _ = timed(partial(vae.i2v_condition, img, frames), 1, device)
+    lat = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device=device)
+    out["vae_decode"], _, _ = timed(partial(vae.decode, lat), 1, device)
+    del vae
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    out["encode"] = out["text_encode"] + out["image_encode"] + out["vae_encode_condition"]
+    log(
+        f"encode/decode at {width}x{height}x{frames}: "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in out.items())
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+def _measure(row, fn, size, stages, measured, repeat, dev, t_start, budget_s, log) -> None:
+    """Time fn for row (once per configuration: rows that differ only in steps, CFG or
+    TeaCache share it) and fill the row's numbers, or its note when it fails."""
+    key = (row.impl, row.quant, row.attention, row.compile, row.offload)
+    if key not in measured:
+        if time.perf_counter() - t_start > budget_s:
+            row.note = "skipped: time budget"
+            return
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            sec, first, _ = timed(fn, repeat, dev)
+        except Exception as e:  # reported in the table; the other rows still run
+            msg = str(e).splitlines()[0][:160] if str(e) else ""
+            row.note = f"failed: {type(e).__name__}: {msg}"
+            log(f"{row.name} [{size}]: {row.note}")
+            return
+        peak = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
+        measured[key] = (sec, first, peak)
+    sec, first, row.peak_gb = measured[key]
+    row.s_per_forward, row.first_call_s = sec, first
+    row.s_per_step = sec * (2 if row.cfg else 1)
+    steps = row.steps * (1 - row.teacache_skip)
+    row.s_per_video = stages["encode"] + steps * row.s_per_step + stages["vae_decode"]
+    log(f"{row.name} [{size}]: {sec:.3f} s/forward, first {first:.1f} s, "
+        f"projected {row.s_per_video:.1f} s/video")  # fmt: skip
+
+
+def run_bench(
+    sizes: list[str],
+    rows: list[BenchRow] | None = None,
+    arch_name: str = "i2v-14b",
+    frames: int = 81,
+    repeat: int = 2,
+    device: str = "cuda",
+    time_budget_s: float = 480.0,
+    log: Callable[[str], None] = print,
+    real_stages: bool = True,
+) -> list[BenchRow]:
+    """Time every row at every size; a row that fails or does not fit the time budget is
+    reported with its reason instead of a number."""
+    from lightx2v.models.wan.dit import WanDiT
+    from lightx2v.models.wan.formats import diffusers_to_official
+    from lightx2v.ops.attention import set_attention_backend
+    from lightx2v.runtime.runner import compile_blocks
+
+    t_start = time.perf_counter()
+    arch = ARCH_PRESETS[arch_name] if isinstance(arch_name, str) else arch_name
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LX2VError("lx2v bench needs a CUDA GPU (or --device cpu with --arch tiny)")
+    results: list[BenchRow] = []
+    for size in sizes:
+        width, height = SIZES[size]
+        if real_stages:
+            stages = encode_decode_seconds(width, height, frames, dev, log)
+        else:  # a tiny dry run: the real encoders would not fit a small machine
+            stages = {"encode": 0.0, "vae_decode": 0.0}
+        x, t, ctx, clip, y = dit_inputs(arch, frames, height, width, dev)
+        template = rows or default_rows()
+        size_rows = [BenchRow(**{**asdict(r), "size": size}) for r in template]
+        ref = diffusers_dit(arch, dev)
+        randomize_(ref, 0)
+        state = dict(ref.state_dict())  # ours reuses the same tensors: no second copy
+
+        measured: dict[tuple, tuple[float, float, float | None]] = {}
+        ctx_ = (size, stages, measured, repeat, dev, t_start, time_budget_s, log)
+
+        with torch.no_grad():
+            for row in [r for r in size_rows if r.impl == "diffusers"]:
+                hid = (torch.cat([x, y], 1) if y is not None else x).bfloat16()
+                c, cl = ctx.bfloat16(), None if clip is None else clip.bfloat16()
+                fn = partial(ref, hid, t, c, encoder_hidden_states_image=cl, return_dict=False)
+                _measure(row, fn, *ctx_)
+                del fn
+            del ref
+            gc.collect()
+            with torch.device("meta"):
+                ours = WanDiT(arch)
+            ours.load_state_dict(
+                {diffusers_to_official(k): v for k, v in state.items()}, assign=True
+            )
+            ours.cast(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+            del state
+            quantized, offloaded = False, False
+            for row in [r for r in size_rows if r.impl == "lx2v"]:
+                if row.quant == "bf16" and quantized:
+                    row.note = "skipped: model already quantized (order the rows bf16 first)"
+                    continue
+                if row.quant != "bf16" and not quantized:
+                    from lightx2v.quant.linear import quantize_dit
+
+                    quantize_dit(ours, row.quant)
+                    quantized = True
+                    gc.collect()
+                if row.offload != "none" and not offloaded:
+                    from lightx2v.runtime.offload import apply_offload
+
+                    apply_offload(ours, row.offload, dev)
+                    offloaded = True
+                try:
+                    set_attention_backend(row.attention)
+                except LX2VError as e:
+                    if real_stages:  # a real run reports it; a tiny dry run goes on with sdpa
+                        row.note = f"skipped: {e}"
+                        continue
+                    set_attention_backend("sdpa")
+                    row.note = f"dry run: {row.attention} unavailable, sdpa used"
+                key = (row.impl, row.quant, row.attention, row.compile, row.offload)
+                if row.compile and dev.type == "cuda" and key not in measured:
+                    torch._dynamo.reset()
+                    ours.blocks_compiled = False
+                    compile_blocks(ours)
+                _measure(row, partial(ours, x, t, ctx, clip, y), *ctx_)
+            set_attention_backend("sdpa")
+            del ours
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        base = next((r for r in size_rows if r.impl == "diffusers" and r.s_per_video), None)
+        for r in size_rows:
+            if base is not None and r.s_per_video:
+                r.vs_baseline = base.s_per_video / r.s_per_video
+        results.extend(size_rows)
+    return results
+
+
+def markdown_table(rows: list[BenchRow], header: str) -> str:
+    lines = [header, "", "| size | configuration | preset | s/forward | s/step | projected s/video | "
+             "peak GB | × baseline | note |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "—"
+
+    for r in rows:
+        steps = (
+            f"{r.steps} steps"
+            + (", CFG" if r.cfg else "")
+            + (f", {r.teacache_skip:.0%} skipped (stated)" if r.teacache_skip else "")
+        )
+        lines.append(
+            f"| {r.size} | {r.name} ({steps}) | {r.preset or '—'} | {f(r.s_per_forward, '.3f')} | "
+            f"{f(r.s_per_step, '.3f')} | {f(r.s_per_video, '.1f')} | {f(r.peak_gb, '.1f')} | "
+            f"{f(r.vs_baseline, '.2f')} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main_bench(args) -> int:
+    """Entry point of `lx2v bench` (argparse namespace from cli.py)."""
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        raise LX2VError(
+            f"--sizes {args.sizes}: unknown {', '.join(bad)} (known: {', '.join(SIZES)})"
+        )
+    dev = "cuda" if args.device is None else args.device
+    arch = args.arch
+    if arch == "tiny":  # a CPU dry run of the whole procedure
+        from lightx2v.models.wan.tiny import tiny_arch
+
+        arch = tiny_arch("i2v")
+    rows = run_bench(sizes, arch_name=arch, frames=args.frames, repeat=args.repeat, device=dev,
+                     time_budget_s=args.time_budget, real_stages=args.arch != "tiny",
+                     log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    head = (f"{arch if isinstance(arch, str) else 'tiny'} I2V, {args.frames} frames, random weights, "
+            f"{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    table = markdown_table(rows, head)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"header": head, "rows": [asdict(r) for r in rows]}, fh, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    return 0

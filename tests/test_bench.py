@@ -1,0 +1,24 @@
+"""`lx2v bench` on the CPU with the tiny architecture: the procedure, not the numbers."""
+
+import json
+
+from lightx2v.cli import main
+
+
+def test_bench_dry_run(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    args = ["bench", "--arch", "tiny", "--device", "cpu", "--frames", "5", "--repeat", "1",
+            "--json", str(out), "--markdown", str(tmp_path / "b.md")]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0].startswith("diffusers") and rows[0]["vs_baseline"] == 1.0
+    assert all(r["s_per_forward"] for r in rows), [r["note"] for r in rows]
+    by = {r["name"]: r for r in rows}
+    distill = next(r for n, r in by.items() if "distilled" in n)
+    assert distill["s_per_step"] == distill["s_per_forward"]  # no CFG
+    tea = next(r for n, r in by.items() if "TeaCache" in n)
+    fp8 = by["lx2v FP8 + 8-bit attention"]
+    # the TeaCache row projects 60% of the FP8 row's steps (a stated 40% skip)
+    assert abs(tea["s_per_video"] - 0.6 * fp8["s_per_video"]) < 1e-9
+    assert "| 480p |" in capsys.readouterr().out
