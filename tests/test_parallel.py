@@ -99,6 +99,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict
         for sc in scenarios:
             arch = tiny_arch(sc.get("heads", 8))
             dit = build(arch)
+            if sc.get("quant"):  # FP8 weights (the reference GEMM path on CPU)
+                from lightx2v.quant.linear import quantize_dit
+
+                quantize_dit(dit, sc["quant"])
+            from lightx2v.ops.attention import set_attention_backend
+
+            set_attention_backend(sc.get("attention", "sdpa"))  # Ulysses wraps whichever
             x, t, ctx, clip, y = inputs(arch, sc["text_len"], sc["img_len"])
             batch = sc.get("batch", 2)
             x, t, ctx, clip, y = x[:batch], t[:batch], ctx[:batch], clip[:batch], y[:batch]
@@ -188,6 +195,17 @@ def test_two_ranks_ulysses_and_cfg_parallel(tmp_path):
             "img_len": 5,
             "heads": 12,
         },  # fmt: skip
+    ]
+    reports = spawn(2, scenarios, tmp_path)
+    check(reports, {s["name"]: 2 for s in scenarios})
+
+
+def test_two_ranks_with_fp8_weights_and_another_attention_backend(tmp_path):
+    base = {"text_len": 7, "img_len": 5}
+    scenarios = [
+        {"name": "ulysses2-fp8", "cfg": 1, "ulysses": 2, "quant": "fp8", **base},
+        {"name": "cfg2-fp8", "cfg": 2, "ulysses": 1, "quant": "fp8", **base},
+        {"name": "ulysses2-ref-attention", "cfg": 1, "ulysses": 2, "attention": "ref", **base},
     ]
     reports = spawn(2, scenarios, tmp_path)
     check(reports, {s["name"]: 2 for s in scenarios})
