@@ -95,11 +95,12 @@ def default_rows() -> list[BenchRow]:
 # random models at real shapes
 
 
-def diffusers_dit(arch: WanArch, device) -> torch.nn.Module:
-    """diffusers' WanTransformer3DModel built on `device` in bf16 (its RoPE tables are buffers)."""
+def diffusers_dit(arch: WanArch, device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """diffusers' WanTransformer3DModel for `arch`, built on `device` in `dtype` (built in
+    place rather than moved: its RoPE tables are buffers). Weights: its own init."""
     from diffusers import WanTransformer3DModel
 
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             m = WanTransformer3DModel(
@@ -136,15 +137,30 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0, 0.02, generator=g)
 
 
-def dit_inputs(arch: WanArch, frames: int, height: int, width: int, device, seed: int = 0):
-    """(x, t, context, clip tokens, y) for one forward at batch 1."""
+@torch.no_grad()
+def random_dit(arch: WanArch, device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Our WanDiT with random weights (randomize_), built in place on `device`."""
+    from lightx2v.models.wan.dit import WanDiT
+
+    with torch.device("meta"):
+        m = WanDiT(arch)
+    m.cast(dtype).to_empty(device=device)
+    randomize_(m, seed)
+    return m.eval().requires_grad_(False)
+
+
+def dit_inputs(arch: WanArch, frames: int, height: int, width: int, device, seed: int = 0,
+               batch: int = 1):  # fmt: skip
+    """(x, t, context, clip tokens, y) for one forward."""
     g = torch.Generator(device=device).manual_seed(seed)
     lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    x = torch.randn(1, 16, *lat, generator=g, device=device)
-    y = torch.randn(1, arch.in_dim - 16, *lat, generator=g, device=device) if arch.is_i2v else None
-    ctx = torch.randn(1, 512, arch.text_dim, generator=g, device=device)
-    clip = torch.randn(1, 257, arch.image_dim, generator=g, device=device) if arch.is_i2v else None
-    t = torch.tensor([500.0], device=device)
+    x = torch.randn(batch, 16, *lat, generator=g, device=device)
+    y = (torch.randn(batch, arch.in_dim - 16, *lat, generator=g, device=device)
+         if arch.is_i2v else None)  # fmt: skip
+    ctx = torch.randn(batch, 512, arch.text_dim, generator=g, device=device)
+    clip = (torch.randn(batch, 257, arch.image_dim, generator=g, device=device)
+            if arch.is_i2v else None)  # fmt: skip
+    t = torch.full((batch,), 500.0, device=device)
     return x, t, ctx, clip, y
 
 

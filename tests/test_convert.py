@@ -60,11 +60,12 @@ def write_official(root: Path, arch: WanArch, state, shards=1) -> Path:
         wmap = {}
         for i in range(shards):
             name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
+            part = {k: state[k] for k in keys[i * per : (i + 1) * per]}
             save_file(part, root / name)
             wmap.update(dict.fromkeys(part, name))
         (root / "diffusion_pytorch_model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": wmap}))
+            json.dumps({"weight_map": wmap})
+        )
     return root
 
 
@@ -140,7 +141,9 @@ def test_bf16_scheme_keeps_values_and_fuses(tmp_path):
     blk = load_file(dst / "dit" / "block-001.safetensors")
     want = torch.cat([state[f"blocks.1.self_attn.{p}.weight"] for p in "qkv"])
     assert torch.equal(blk["blocks.1.self_attn.qkv.weight"], want)
-    want = torch.cat([state["blocks.1.cross_attn.k_img.bias"], state["blocks.1.cross_attn.v_img.bias"]])
+    want = torch.cat(
+        [state["blocks.1.cross_attn.k_img.bias"], state["blocks.1.cross_attn.v_img.bias"]]
+    )
     assert torch.equal(blk["blocks.1.cross_attn.kv_img_proj.bias"], want)
     assert torch.equal(blk["blocks.1.modulation"], state["blocks.1.modulation"])
     rest = load_file(dst / "dit" / "rest.safetensors")
@@ -198,7 +201,10 @@ def test_keep_high_precision(tmp_path, official_t2v):
     dst = run(official_t2v, tmp_path / "dst", keep_high_precision=[0, 2])
     m = json.loads((dst / "lx2v.json").read_text())
     assert m["high_precision"]["blocks"] == [0, 2]
-    assert load_file(dst / "dit/block-000.safetensors")["blocks.0.ffn.0.weight"].dtype == torch.bfloat16
+    assert (
+        load_file(dst / "dit/block-000.safetensors")["blocks.0.ffn.0.weight"].dtype
+        == torch.bfloat16
+    )
     assert load_file(dst / "dit/block-001.safetensors")["blocks.1.ffn.0.weight"].dtype == FP8_DTYPE
     model = load_dit(open_checkpoint(dst))
     assert type(model.blocks[0].ffn[0]) is torch.nn.Linear
@@ -230,8 +236,15 @@ def test_manifest(tmp_path, official_t2v):
     assert m["dit"]["blocks"] == [f"dit/block-{i:03d}.safetensors" for i in range(3)]
     assert len(m["source"]["fingerprint"]) == 64 and m["source"]["layout"] == "official"
     hp = m["high_precision"]["layers"]
-    for layer in ("patch_embedding", "head.head", "head.modulation", "time_projection.1",
-                  "blocks.*.modulation", "blocks.*.norm3", "blocks.*.self_attn.norm_q"):
+    for layer in (
+        "patch_embedding",
+        "head.head",
+        "head.modulation",
+        "time_projection.1",
+        "blocks.*.modulation",
+        "blocks.*.norm3",
+        "blocks.*.self_attn.norm_q",
+    ):
         assert layer in hp
     assert not any("ffn" in x or "qkv" in x for x in hp)
     files = {str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()} - {"lx2v.json"}
@@ -242,7 +255,11 @@ def test_manifest(tmp_path, official_t2v):
     assert not (tmp_path / "dst.partial").exists()
     verify(dst)
     ckpt = open_checkpoint(dst)
-    assert ckpt.layout == "lx2v" and ckpt.arch == open_checkpoint(official_t2v).arch and ckpt.component_layout == "diffusers"
+    assert (
+        ckpt.layout == "lx2v"
+        and ckpt.arch == open_checkpoint(official_t2v).arch
+        and ckpt.component_layout == "diffusers"
+    )
 
 
 def test_no_pickle_in_output(tmp_path, official_t2v):
@@ -480,11 +497,15 @@ def test_components_converted(tmp_path, layout):
     ck, src = open_checkpoint(dst), open_checkpoint(tmp_path / "src")
     ck.check_files()
     if src.component_layout == "official":
-        te0 = encoders.TextEncoder.from_official(src.text_encoder, src.tokenizer, dtype=torch.float32)
+        te0 = encoders.TextEncoder.from_official(
+            src.text_encoder, src.tokenizer, dtype=torch.float32
+        )
         v0 = vae.WanVAE.from_official(src.vae)
         ie0 = encoders.ImageEncoder.from_official(src.image_encoder, dtype=torch.float32)
     else:
-        te0 = encoders.TextEncoder.from_diffusers(src.text_encoder, src.tokenizer, dtype=torch.float32)
+        te0 = encoders.TextEncoder.from_diffusers(
+            src.text_encoder, src.tokenizer, dtype=torch.float32
+        )
         v0 = vae.WanVAE.from_diffusers(src.vae)
         ie0 = encoders.ImageEncoder.from_diffusers(src.image_encoder, src.image_processor,
                                                    dtype=torch.float32)  # fmt: skip

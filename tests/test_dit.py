@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from lightx2v.bench import diffusers_dit
 from lightx2v.config import WanArch
 from lightx2v.models.wan.dit import WanDiT
 from lightx2v.models.wan.formats import diffusers_to_official, official_to_diffusers
@@ -21,22 +22,7 @@ def tiny_arch(task: str) -> WanArch:
 
 
 def diffusers_model(arch: WanArch, seed: int) -> WanTransformer3DModel:
-    m = WanTransformer3DModel(
-        patch_size=arch.patch_size,
-        num_attention_heads=arch.num_heads,
-        attention_head_dim=arch.head_dim,
-        in_channels=arch.in_dim,
-        out_channels=arch.out_dim,
-        text_dim=arch.text_dim,
-        freq_dim=arch.freq_dim,
-        ffn_dim=arch.ffn_dim,
-        num_layers=arch.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=arch.eps,
-        image_dim=arch.image_dim if arch.is_i2v else None,
-        added_kv_proj_dim=arch.dim if arch.is_i2v else None,
-    )
+    m = diffusers_dit(arch, "cpu", torch.float32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():  # every parameter random, norms and zero-init heads included

@@ -236,7 +236,9 @@ def test_quantize_at_load_equals_converted(tiny_ckpts, tmp_path, image_file):
     dst = convert(tiny_ckpts["i2v", "official"], tmp_path / "fp8", quant="fp8", progress=False)
     req = request("i2v", image_file)
     a = WanPipeline.from_pretrained(dst).generate(req, progress=False).latents
-    at_load = WanPipeline.from_pretrained(tiny_ckpts["i2v", "official"], RuntimeOptions(quant="fp8"))
+    at_load = WanPipeline.from_pretrained(
+        tiny_ckpts["i2v", "official"], RuntimeOptions(quant="fp8")
+    )
     b = at_load.generate(req, progress=False).latents
     assert (a - b).norm() / a.norm() < 1e-5  # the same FP8 weights and scales, same path
 

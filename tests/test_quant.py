@@ -258,7 +258,9 @@ def test_cast_keeps_quantized_dtypes():
     lin = m.blocks[0].self_attn.qkv
     assert lin.weight.dtype == FP8_DTYPE and lin.weight_scale.dtype == torch.float32
     assert lin.bias.dtype == torch.bfloat16
-    assert m.blocks[0].modulation.dtype == torch.float32 and m.head.head.weight.dtype == torch.float32
+    assert (
+        m.blocks[0].modulation.dtype == torch.float32 and m.head.head.weight.dtype == torch.float32
+    )
     with torch.no_grad():
         out = m(*model_inputs(arch))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()

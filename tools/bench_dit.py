@@ -13,81 +13,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import time
 
 import torch
 
-from lightx2v.config import ARCH_PRESETS, WanArch
+from lightx2v.bench import diffusers_dit, dit_inputs, randomize_
+from lightx2v.bench import timed as _timed
+from lightx2v.config import ARCH_PRESETS
 from lightx2v.ops.attention import set_attention_backend
 from lightx2v.ops.dispatch import set_kernel_backend
-
-
-def diffusers_model(arch: WanArch, device):
-    """diffusers' model built directly on the GPU in bf16 (its rope tables are buffers)."""
-    from diffusers import WanTransformer3DModel
-
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        m = WanTransformer3DModel(
-            patch_size=arch.patch_size,
-            num_attention_heads=arch.num_heads,
-            attention_head_dim=arch.head_dim,
-            in_channels=arch.in_dim,
-            out_channels=arch.out_dim,
-            text_dim=arch.text_dim,
-            freq_dim=arch.freq_dim,
-            ffn_dim=arch.ffn_dim,
-            num_layers=arch.num_layers,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=arch.eps,
-            image_dim=arch.image_dim if arch.is_i2v else None,
-            added_kv_proj_dim=arch.dim if arch.is_i2v else None,
-        )
-    torch.set_default_dtype(torch.float32)
-    return m
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """In place: matrices ~ N(0, 1/fan_in), norm weights 1, other vectors N(0, 0.02)."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2 and "scale_shift_table" not in name:
-            p.normal_(0, p[0].numel() ** -0.5, generator=g)
-        elif "norm" in name and name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0, 0.02, generator=g)
-
-
-def inputs(arch: WanArch, frames: int, height: int, width: int, device, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    x = torch.randn(1, 16, *lat, generator=g, device=device)
-    y = torch.randn(1, arch.in_dim - 16, *lat, generator=g, device=device) if arch.is_i2v else None
-    ctx = torch.randn(1, 512, arch.text_dim, generator=g, device=device)
-    clip = torch.randn(1, 257, arch.image_dim, generator=g, device=device) if arch.is_i2v else None
-    t = torch.tensor([500.0], device=device)
-    return x, t, ctx, clip, y
-
-
-def timed(fn, repeat: int) -> tuple[float, float, torch.Tensor]:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()  # warm-up (cuDNN plans, allocator)
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), first, out
 
 
 def main() -> int:
@@ -122,9 +56,9 @@ def main() -> int:
     dev = torch.device("cuda")
     arch = ARCH_PRESETS[a.arch]
     width, height = map(int, a.size.split("x"))
-    x, t, ctx, clip, y = inputs(arch, a.frames, height, width, dev)
+    x, t, ctx, clip, y = dit_inputs(arch, a.frames, height, width, dev)
     tokens = x.shape[2] * x.shape[3] * x.shape[4] // 4
-    ref = diffusers_model(arch, dev)
+    ref = diffusers_dit(arch, dev)
     randomize_(ref, 0)
     state = dict(ref.state_dict())  # shared storage: ours reuses the same weights, no copy
     rows, outs = [], {}
@@ -132,7 +66,7 @@ def main() -> int:
     def record(name, fn):
         torch.cuda.reset_peak_memory_stats()
         try:
-            sec, first, out = timed(fn, a.repeat)
+            sec, first, out = _timed(fn, a.repeat, dev)
         except Exception as e:  # a failing variant is reported in the table, the rest still run
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             print(f"{name:<22} FAILED {msg}", flush=True)

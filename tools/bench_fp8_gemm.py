@@ -96,7 +96,9 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     m, k = args.m, args.k
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
-    header = f"{'N':>6} | {'what':<44} | {'ms':>7} | {'TFLOP/s':>8} | {'x bf16':>6} | rel L2 vs fp32"
+    header = (
+        f"{'N':>6} | {'what':<44} | {'ms':>7} | {'TFLOP/s':>8} | {'x bf16':>6} | rel L2 vs fp32"
+    )
     print(header)
     print("-" * len(header))
     for n in args.n:

@@ -28,39 +28,19 @@ import traceback
 
 import torch
 
+from lightx2v.bench import dit_inputs, random_dit
 from lightx2v.config import ARCH_PRESETS, WanArch
 
 DEFAULT_ROWS = "bf16:none,bf16:block,fp8:none,fp8:block,fp8:auto,fp8:disk"
 
 
-@torch.no_grad()
 def build(arch: WanArch, dev, seed=0):
-    """Our WanDiT in bf16 (fp32 norms/modulation/time/head) on the GPU, random weights."""
-    from lightx2v.models.wan.dit import WanDiT
-
-    with torch.device("meta"):
-        m = WanDiT(arch)
-    m.cast(torch.bfloat16).to_empty(device=dev)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in m.named_parameters():
-        if p.dim() >= 2 and "modulation" not in name:
-            p.normal_(0, p[0].numel() ** -0.5, generator=g)
-        elif "norm" in name and name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0, 0.02, generator=g)
-    return m.eval().requires_grad_(False)
+    """Our WanDiT in bf16 (fp32 norms/modulation/time/head) on the device, random weights."""
+    return random_dit(arch, dev, torch.bfloat16, seed)
 
 
 def inputs(arch: WanArch, batch, frames, height, width, dev, seed=0):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    x = torch.randn(batch, 16, *lat, generator=g, device=dev)
-    y = torch.randn(batch, arch.in_dim - 16, *lat, generator=g, device=dev) if arch.is_i2v else None
-    ctx = torch.randn(batch, 512, arch.text_dim, generator=g, device=dev)
-    clip = torch.randn(batch, 257, arch.image_dim, generator=g, device=dev) if arch.is_i2v else None
-    t = torch.full((batch,), 500.0, device=dev)
-    return x, t, ctx, clip, y
+    return dit_inputs(arch, frames, height, width, dev, seed, batch)
 
 
 def copy_bandwidth(dev) -> tuple[float, float]:

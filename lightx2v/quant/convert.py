@@ -652,8 +652,11 @@ def convert(
             "rest": REST_SHARD,
         },
         "components": {"layout": DIFFUSERS, **comps} if comps else {},
-        "source": {"path": str(ckpt.root.resolve()), "layout": ckpt.layout,
-                   "fingerprint": fingerprint},  # fmt: skip
+        "source": {
+            "path": str(ckpt.root.resolve()),
+            "layout": ckpt.layout,
+            "fingerprint": fingerprint,
+        },  # fmt: skip
         "files": files,
     }
     if summary is not None:

@@ -81,5 +81,6 @@ def write_synthetic_official(root: str | Path, arch: WanArch, dtype=torch.bfloat
     if len(groups) > 1:
         wmap = {t.name: name for name, group in zip(names, groups, strict=True) for t in group}
         (root / "diffusion_pytorch_model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": wmap}, indent=1))
+            json.dumps({"metadata": {}, "weight_map": wmap}, indent=1)
+        )
     return root
