@@ -43,7 +43,10 @@ def cuda_extensions():
     ext = CUDAExtension(
         "lightx2v._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math"],
+        },
         py_limited_api=False,
     )
     return [ext], {"build_ext": BuildExtension}
