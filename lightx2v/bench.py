@@ -211,9 +211,9 @@ def _clip_vit_h(device, dtype):
         m = CLIPVisionModel(cfg)
     m.to_empty(device=device).to(dtype)
     randomize_(m, 2)
-    from lightx2v.models.wan.encoders import _clip_prefix  # layouts differ across transformers
+    from lightx2v.models.wan.encoders import clip_tower_prefix  # differs across transformers
 
-    emb = m.get_submodule(_clip_prefix(m) + "embeddings")
+    emb = m.get_submodule(clip_tower_prefix(m) + "embeddings")
     emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device)[None],
                         persistent=False)  # fmt: skip
     return m.eval()

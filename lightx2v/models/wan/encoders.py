@@ -503,7 +503,7 @@ def load_official_clip_vision(pth_path: str | Path, dtype: torch.dtype) -> CLIPV
     state, unknown = _clip_official_to_hf(official)
     with torch.device("meta"):
         model = CLIPVisionModel(config)
-    prefix = _clip_prefix(model)
+    prefix = clip_tower_prefix(model)
     state = {prefix + k: v for k, v in state.items()}
     _assign_weights(model, state, unknown, dtype, "image encoder", path, _clip_source_name)
     # Non-persistent buffer, not in any checkpoint: rebuild it off the meta device.
@@ -531,7 +531,7 @@ class ImageEncoder:
         mean: tuple[float, ...] = CLIP_MEAN,
         std: tuple[float, ...] = CLIP_STD,
     ) -> None:
-        layers = model.get_submodule(_clip_prefix(model) + "encoder.layers")
+        layers = model.get_submodule(clip_tower_prefix(model) + "encoder.layers")
         del layers[-1]
         model.config.num_hidden_layers -= 1
         self.model = model.eval().requires_grad_(False)
@@ -611,7 +611,7 @@ class ImageEncoder:
         return self.model(pixel_values=pixels).last_hidden_state
 
 
-def _clip_prefix(model: CLIPVisionModel) -> str:
+def clip_tower_prefix(model: CLIPVisionModel) -> str:
     """transformers 4 nests the tower under `vision_model`; transformers 5 does not."""
     return "vision_model." if hasattr(model, "vision_model") else ""
 
