@@ -57,6 +57,12 @@ def load_pth(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `target`; it becomes `target` only on success."""
@@ -67,6 +73,7 @@ def atomic_file(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a normal file is not
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -81,6 +88,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a normal folder is not
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -252,3 +253,17 @@ def test_preset_sets_runtime(tiny_ckpts, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*base, "--preset", "fp8"]) != 0
         assert "lx2v-int8" in capsys.readouterr().err
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from lightx2v.io import write_video
+
+    mask = os.umask(0o022)
+    try:
+        out = write_video(np.zeros((1, 16, 16, 3), dtype=np.uint8), tmp_path / "p.mp4")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
