@@ -312,6 +312,10 @@ def _cmd_run(args, parallel: bool) -> int:
         rt.attention = args.attention
     if args.quant:
         rt.quant = args.quant
+    if args.attention_exact_steps is not None:
+        if args.attention_exact_steps < 0:
+            raise LX2VError(f"--attention-exact-steps {args.attention_exact_steps}: must be >= 0")
+        rt.attention_exact_steps = args.attention_exact_steps
 
     # Everything checkable is checked before any weight is loaded.
     check_output_path(output)

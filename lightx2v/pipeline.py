@@ -7,6 +7,7 @@ result.save("out.mp4")
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -21,7 +22,7 @@ from lightx2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, RuntimeO
 from lightx2v.errors import LX2VError
 from lightx2v.io import load_image, resize_image, to_uint8_frames, write_png_frames, write_video
 from lightx2v.models.wan.formats import LX2V, OFFICIAL, Checkpoint, load_dit, open_checkpoint
-from lightx2v.ops.attention import set_attention_backend
+from lightx2v.ops.attention import attention_backend_override, set_attention_backend
 from lightx2v.runtime.offload import (
     BlockOffloadRunner,
     apply_offload,
@@ -261,18 +262,21 @@ class WanPipeline:
         step_times = []
         steps = tqdm(sampler.timesteps, desc="denoise", unit="step", disable=not progress,
                      file=sys.stderr, leave=False)  # fmt: skip
-        for t in steps:
+        exact = self.runtime.attention_exact_steps
+        for i, t in enumerate(steps):
             t0 = time.perf_counter()
             tt = t.to(self.device)
-            if cfg and self.runtime.cfg_batch:
-                x = latents[None].expand(2, -1, -1, -1, -1)
-                v_cond, v_uncond = runner(x, tt.expand(2), y).unbind(0)
-            elif cfg:
-                v_cond, v_uncond = (
-                    r(latents[None], tt[None], yy)[0] for r, yy in zip(runners, ys, strict=True)
-                )
-            else:
-                v_cond = runner(latents[None], tt[None], y)[0]
+            guard = exact and (i < exact or i >= len(sampler.timesteps) - exact)
+            with attention_backend_override("sdpa") if guard else contextlib.nullcontext():
+                if cfg and self.runtime.cfg_batch:
+                    x = latents[None].expand(2, -1, -1, -1, -1)
+                    v_cond, v_uncond = runner(x, tt.expand(2), y).unbind(0)
+                elif cfg:
+                    v_cond, v_uncond = (
+                        r(latents[None], tt[None], yy)[0] for r, yy in zip(runners, ys, strict=True)
+                    )
+                else:
+                    v_cond = runner(latents[None], tt[None], y)[0]
             v = v_uncond + req.guidance * (v_cond - v_uncond) if cfg else v_cond
             latents = sampler.step(v, latents)
             self._sync()

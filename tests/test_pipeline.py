@@ -1,5 +1,6 @@
 """End-to-end tiny runs: layouts agree, videos decode back, seeds are deterministic."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -267,3 +268,30 @@ def test_written_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_attention_exact_steps_guard(pipes, image_file, monkeypatch):
+    """--attention-exact-steps N: the first and last N steps use sdpa, the rest the chosen one."""
+    from lightx2v.ops import attention as A
+
+    calls = []
+
+    def spy(q, k, v):
+        calls.append(q.shape[1])
+        return A.attention_sdpa(q, k, v)
+
+    monkeypatch.setitem(A._BACKENDS, "spy", spy)
+    p = pipes["t2v", "official"]
+    req = dataclasses.replace(request("t2v", image_file), steps=4)
+    per_step = p.dit.arch.num_layers * 2  # self + text cross-attention per block, CFG batched
+    try:
+        for exact, spy_steps in ((0, 4), (1, 2), (2, 0)):
+            calls.clear()
+            p.runtime.attention, p.runtime.attention_exact_steps = "spy", exact
+            A.set_attention_backend("spy")
+            p.generate(req, progress=False)
+            assert len(calls) == spy_steps * per_step, (exact, len(calls))
+            assert A.attention_backend() == "spy"  # restored after the guarded steps
+    finally:
+        p.runtime.attention, p.runtime.attention_exact_steps = "sdpa", 0
+        A.set_attention_backend("sdpa")
