@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,16 +232,43 @@ class RunConfig:
                 if not isinstance(value, dict):
                     raise LX2VError(f"{source}: '{key}' must be an object")
                 _update(sections[key], value, f"{source}: {key}")
-            elif key in ("model", "task", "output"):
+            elif key in ("model", "output"):
+                if not isinstance(value, str):
+                    raise LX2VError(f"{source}: '{key}' must be a string path")
                 setattr(cfg, key, value)
+            elif key == "task":
+                if value not in ("t2v", "i2v"):
+                    raise LX2VError(f"{source}: 'task' must be \"t2v\" or \"i2v\"")
+                cfg.task = value
             else:
                 raise LX2VError(f"{source}: unknown key '{key}'")
         return cfg
 
 
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Does a JSON value fit a dataclass field's annotation (int, float, str, bool, X | None, list)?"""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
 def _update(obj: Any, values: dict[str, Any], where: str) -> None:
     names = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for k, v in values.items():
         if k not in names:
             raise LX2VError(f"{where}: unknown key '{k}' (known: {', '.join(sorted(names))})")
+        if not _type_ok(v, hints[k]):
+            raise LX2VError(f"{where}: '{k}' = {v!r} is not of type {hints[k]}")
         setattr(obj, k, v)

@@ -210,3 +210,18 @@ def test_bad_config_file(tmp_path, capsys):
     assert_fails(["--config", str(cfg)], tmp_path, capsys, "widht")
     cfg.write_text("{not json")
     assert_fails(["--config", str(cfg)], tmp_path, capsys, "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"request": {"steps": "ten"}}', "'steps'"),
+        ('{"runtime": {"loras": "x.safetensors"}}', "'loras'"),
+        ('{"task": "t3v"}', "'task'"),
+        ('{"model": 5}', "'model'"),
+    ],
+)
+def test_config_file_types(tmp_path, capsys, content, needle):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(content)
+    assert_fails(["--config", str(cfg)], tmp_path, capsys, needle)
