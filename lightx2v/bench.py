@@ -418,6 +418,15 @@ def markdown_table(rows: list[BenchRow], header: str) -> str:
 
 def main_bench(args) -> int:
     """Entry point of `lx2v bench` (argparse namespace from cli.py)."""
+    from lightx2v.io import check_output_folder
+
+    if args.repeat < 1:
+        raise LX2VError(f"--repeat {args.repeat}: must be at least 1")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise LX2VError(f"--frames {args.frames}: must be 4n+1")
+    for path in (args.json, args.markdown):
+        if path:
+            check_output_folder(path)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
     if bad:

@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention backend: sdpa (default), lx2v-int8 (our 8-bit kernel), sage, flash, auto (fastest that passes a self-check); `lx2v info` lists them",
     )
     r.add_argument(
+        "--attention-exact-steps",
+        type=int,
+        metavar="N",
+        help="run the first and last N steps with exact bf16 attention (sdpa) whatever "
+        "--attention says (default 0)",
+    )
+    r.add_argument(
         "--quant",
         choices=["none", "fp8", "int8"],
         help="quantize the DiT's linear layers at load (default none; a converted checkpoint is already quantized)",
@@ -234,19 +241,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    """One process, or N torchrun ranks when --gpus N > 1 (this process then launches them)."""
+    """One process, or N torchrun ranks when --gpus N > 1 (this process then launches them).
+    Every check that needs no weights runs here first, before any rank starts."""
+    if args.gpus is not None and args.gpus < 1:
+        raise LX2VError(f"--gpus {args.gpus}: must be at least 1")
     if (args.ulysses or args.cfg_parallel) and not (args.gpus and args.gpus > 1):
         raise LX2VError("--ulysses and --cfg-parallel need --gpus N with N > 1")
     from lightx2v.runtime import launch
 
+    prepared = _prepare_run(args)
     if launch.wants_relaunch(args.gpus):
+        from lightx2v.runtime.parallel import ParallelConfig
+
+        ckpt, req = prepared[0], prepared[1]
+        ParallelConfig.choose(args.gpus, ckpt.arch.num_heads, args.ulysses, args.cfg_parallel,
+                              uses_cfg=req.guidance != 1.0)  # fmt: skip
         return launch.relaunch(args.gpus, args.argv, check_gpus=args.device != "cpu")
     if launch.in_torchrun():
-        return launch.run_rank(lambda: _cmd_run(args, parallel=True))
-    return _cmd_run(args, parallel=False)
+        return launch.run_rank(lambda: _execute_run(args, *prepared, parallel=True))
+    return _execute_run(args, *prepared, parallel=False)
 
 
-def _cmd_run(args, parallel: bool) -> int:
+def _prepare_run(args):
+    """Settings from config file, preset and flags, checked before any weight is loaded.
+    → (checkpoint, request, runtime options, output path)."""
     from lightx2v.io import check_output_path, demo_image
     from lightx2v.pipeline import WanPipeline
 
@@ -319,14 +337,20 @@ def _cmd_run(args, parallel: bool) -> int:
 
     # Everything checkable is checked before any weight is loaded.
     check_output_path(output)
+    rt.validate()
     from lightx2v.ops.attention import set_attention_backend
 
     set_attention_backend(rt.attention)
-    from lightx2v.models.wan.formats import open_checkpoint
+    from lightx2v.models.wan.formats import LX2V, open_checkpoint
 
     ckpt = open_checkpoint(model)
     if task and task != ckpt.task:
         raise LX2VError(f"--task {task} but {ckpt.root} holds a {ckpt.task.upper()} model")
+    if ckpt.layout == LX2V and rt.quant not in ("none", ckpt.quant_scheme):
+        raise LX2VError(
+            f"{ckpt.root} is already converted ({ckpt.quant_scheme}); --quant {rt.quant} cannot "
+            f"change that: convert the source again with --quant {rt.quant}"
+        )
     if embedded and ckpt.task == "i2v" and req.image is None:
         req.image = demo_image(req.height, req.width)
     from lightx2v.models.wan.lora import parse_lora_args
@@ -346,6 +370,11 @@ def _cmd_run(args, parallel: bool) -> int:
         from lightx2v.io import load_image
 
         load_image(req.image)  # unreadable image → error now, not after loading 30 GB
+    return ckpt, req, rt, output
+
+
+def _execute_run(args, ckpt, req, rt, output, parallel: bool) -> int:
+    from lightx2v.pipeline import WanPipeline
 
     rank0 = True
     if parallel:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,7 +136,9 @@ class GenerationRequest:
             raise LX2VError(
                 f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLER_NAMES)}"
             )
-        if not self.teacache >= 0:
+        if self.shift is not None and not (0 < self.shift < float("inf")):
+            raise LX2VError(f"--shift {self.shift}: must be a positive number")
+        if not 0 <= self.teacache < float("inf"):
             raise LX2VError(f"--teacache {self.teacache}: the threshold must be >= 0 (0 = off)")
         if self.teacache_variant not in ("e", "e0"):
             raise LX2VError(f"--teacache-variant {self.teacache_variant!r}: expected 'e' or 'e0'")
@@ -178,24 +181,44 @@ class RuntimeOptions:
     loras: list[str] = field(default_factory=list)  # "PATH[:STRENGTH]", merged at load
     save_frames: str | None = None  # folder for PNG frames
 
+    def validate(self) -> None:
+        """Checks that need no weights: run before anything is loaded."""
+        choices = {"offload": ("none", "block", "disk", "auto"), "quant": ("none", "fp8", "int8"),
+                   "dtype": ("auto", "bf16", "fp32")}  # fmt: skip
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LX2VError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        if self.attention_exact_steps < 0:
+            raise LX2VError(f"attention_exact_steps {self.attention_exact_steps}: must be >= 0")
+        if self.max_vram is not None and not self.max_vram > 0:
+            raise LX2VError(f"max_vram {self.max_vram}: must be a positive number of GB")
+        if self.save_frames:
+            folder = Path(self.save_frames)
+            if folder.exists() and not folder.is_dir():
+                raise LX2VError(f"--save-frames {folder}: exists and is not a folder")
+            parent = folder if folder.exists() else folder.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise LX2VError(f"--save-frames {folder}: cannot create or write that folder")
+
 
 # Named configurations (`--preset`), one per row of LightX2V's benchmark table, as
-# measured by `lx2v bench`; flags given with a preset win.
+# measured by `lx2v bench`; flags given with a preset win. "auto" attention picks our 8-bit
+# kernel where it runs and passes its self-check (Hopper), else sdpa.
 RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "bf16": {"runtime": {"quant": "none", "attention": "sdpa"}},
     "bf16-int8attn": {"runtime": {"quant": "none", "attention": "lx2v-int8"}},
-    "fp8": {"runtime": {"quant": "fp8", "attention": "lx2v-int8"}},
+    "fp8": {"runtime": {"quant": "fp8", "attention": "auto"}},
     "fp8-teacache": {
-        "runtime": {"quant": "fp8", "attention": "lx2v-int8"},
+        "runtime": {"quant": "fp8", "attention": "auto"},
         "request": {"teacache": 0.2},
     },
     "distill": {
-        "runtime": {"quant": "fp8", "attention": "lx2v-int8"},
+        "runtime": {"quant": "fp8", "attention": "auto"},
         "request": {"sampler": "distill4"},
     },
-    "low-vram": {"runtime": {"quant": "fp8", "attention": "lx2v-int8", "offload": "block"}},
+    "low-vram": {"runtime": {"quant": "fp8", "attention": "auto", "offload": "block"}},
     "rtx4090": {
-        "runtime": {"quant": "fp8", "attention": "lx2v-int8", "offload": "auto", "max_vram": 24}
+        "runtime": {"quant": "fp8", "attention": "auto", "offload": "auto", "max_vram": 24}
     },
 }
 

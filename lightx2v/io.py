@@ -72,6 +72,12 @@ def check_output_path(path: str | Path) -> Path:
     p = Path(path)
     if p.suffix.lower() != ".mp4":
         raise LX2VError(f"output {p}: only .mp4 is supported")
+    return check_output_folder(p)
+
+
+def check_output_folder(path: str | Path) -> Path:
+    """Fail before any work if a file cannot be written at `path`."""
+    p = Path(path)
     if p.is_dir():
         raise LX2VError(f"output {p} is a directory")
     folder = p.parent if str(p.parent) else Path(".")

@@ -225,3 +225,47 @@ def test_config_file_types(tmp_path, capsys, content, needle):
     cfg = tmp_path / "c.json"
     cfg.write_text(content)
     assert_fails(["--config", str(cfg)], tmp_path, capsys, needle)
+
+
+def test_checks_before_loading(tiny_ckpts, tmp_path, capsys):
+    model = ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_fails([*model, "--save-frames", str(afile)], tmp_path, capsys, "--save-frames")
+    assert_fails([*model, "--shift", "0"], tmp_path, capsys, "--shift")
+    assert_fails([*model, "--gpus", "0"], tmp_path, capsys, "--gpus")
+    assert_fails([*model, "--max-vram", "-1"], tmp_path, capsys, "max_vram")
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"runtime": {"offload": "bogus"}}')
+    assert_fails([*model, "--config", str(cfg)], tmp_path, capsys, "offload 'bogus'")
+
+
+def test_quant_flag_cannot_change_a_converted_checkpoint(tiny_ckpts, tmp_path, capsys):
+    from lightx2v.quant.convert import convert
+
+    dst = convert(tiny_ckpts["t2v", "official"], tmp_path / "bf16", quant="bf16", progress=False)
+    assert_fails(
+        ["--model", str(dst), *SMALL, "--quant", "fp8"], tmp_path, capsys, "already converted"
+    )
+
+
+def test_convert_never_deletes_the_source_or_a_foreign_folder(tiny_ckpts, tmp_path, capsys):
+    import shutil
+
+    from lightx2v.cli import main as cli
+
+    box = tmp_path / "box"
+    shutil.copytree(tiny_ckpts["t2v", "official"], box / "src")
+    assert cli(["convert", "--model", str(box / "src"), "--out", str(box), "--force"]) != 0
+    assert (box / "src" / "config.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert cli(["convert", "--model", str(box / "src"), "--out", str(other), "--force"]) != 0
+    assert (other / "keep.txt").read_text() == "mine"
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    assert cli(["convert", "--model", str(box / "src"), "--out", str(afile), "--force"]) != 0
+    assert afile.read_text() == "x"
+    err = capsys.readouterr().err
+    assert err.count("lx2v: error:") == 3

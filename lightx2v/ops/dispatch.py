@@ -6,7 +6,7 @@ torch.compile fuses on its own). csrc ops will slot in ahead of Triton when they
 
 `LX2V_KERNELS` (auto | triton | ref, default auto) or `set_kernel_backend` choose. "auto"
 takes the best available and says so once in the log when it falls back (a warning when a
-CUDA device is present, since that costs speed; info on a CPU-only machine, where there is
+CUDA device is present, since that costs speed; debug on a CPU-only machine, where there is
 nothing to accelerate). Asking for a backend that is missing is an LX2VError.
 
 Each op is a torch.library custom op (namespace `lx2v`) whose default implementation is
@@ -79,7 +79,8 @@ def set_kernel_backend(name: str = "auto") -> str:
     _state.backend = "triton" if (ok and name != "ref") else "ref"
     _state.reason = why if _state.backend == "triton" or name == "auto" else "requested"
     if name == "auto" and not ok:
-        level = logging.WARNING if torch.cuda.is_available() else logging.INFO
+        # loud where a GPU goes without its kernels; on a CPU-only machine they do not apply
+        level = logging.WARNING if torch.cuda.is_available() else logging.DEBUG
         log.log(level, "fused ops use the PyTorch reference: %s", why)
     return _state.backend
 

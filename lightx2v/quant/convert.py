@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -565,10 +566,17 @@ def convert(
     if ckpt.layout == LX2V:
         raise LX2VError(f"{src} is already a converted checkpoint")
     dst = Path(dst).expanduser()
-    if dst.resolve() == ckpt.root.resolve():
-        raise LX2VError("--out must differ from --model")
+    d, s = dst.resolve(), ckpt.root.resolve()
+    if d == s or d in s.parents or s in d.parents:
+        raise LX2VError(f"--out {dst} must be outside --model {src} (and not contain it)")
     if dst.exists() and not force:
         raise LX2VError(f"{dst} already exists; pass --force to overwrite it")
+    if dst.exists() and not dst.is_dir():
+        raise LX2VError(f"--out {dst} exists and is not a directory")
+    if dst.exists() and any(dst.iterdir()) and not (dst / MANIFEST).is_file():
+        # --force replaces a converted checkpoint, never an arbitrary folder
+        raise LX2VError(f"--out {dst} is a non-empty folder that is not a converted checkpoint; "
+                        "refusing to replace it")  # fmt: skip
     keep = sorted(set(int(i) for i in keep_high_precision))
     bad = [i for i in keep if not 0 <= i < ckpt.arch.num_layers]
     if bad:
@@ -666,9 +674,8 @@ def convert(
     _fsync_dir(partial)
 
     if dst.exists():  # force: swap in the new one, then delete the old
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+        old.rmdir()  # a fresh name of our own: never an existing user folder
         os.replace(dst, old)
         os.replace(partial, dst)
         shutil.rmtree(old)
