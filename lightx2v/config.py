@@ -187,7 +187,9 @@ class RuntimeOptions:
                    "dtype": ("auto", "bf16", "fp32")}  # fmt: skip
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise LX2VError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+                raise LX2VError(
+                    f"{key} {getattr(self, key)!r}: expected one of {', '.join(allowed)}"
+                )
         if self.attention_exact_steps < 0:
             raise LX2VError(f"attention_exact_steps {self.attention_exact_steps}: must be >= 0")
         if self.max_vram is not None and not self.max_vram > 0:
@@ -261,7 +263,7 @@ class RunConfig:
                 setattr(cfg, key, value)
             elif key == "task":
                 if value not in ("t2v", "i2v"):
-                    raise LX2VError(f"{source}: 'task' must be \"t2v\" or \"i2v\"")
+                    raise LX2VError(f'{source}: \'task\' must be "t2v" or "i2v"')
                 cfg.task = value
             else:
                 raise LX2VError(f"{source}: unknown key '{key}'")

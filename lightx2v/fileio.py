@@ -27,6 +27,17 @@ def short_list(names: Iterable[str], limit: int = 8) -> str:
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+def key_mismatch(missing: Iterable[str], unexpected: Iterable[str]) -> str | None:
+    """'missing N key(s): ...; unexpected M key(s): ...' for a state-dict check, or None."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {short_list(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {short_list(unexpected)}")
+    return "; ".join(parts) or None
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

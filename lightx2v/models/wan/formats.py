@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from lightx2v.config import WanArch
 from lightx2v.errors import CheckpointError
-from lightx2v.fileio import short_list
+from lightx2v.fileio import key_mismatch, short_list
 
 OFFICIAL, DIFFUSERS, LX2V = "official", "diffusers", "lx2v"
 
@@ -329,17 +329,9 @@ def _open_diffusers(root: Path) -> Checkpoint:
 
 
 def _check_keys(expected: set[str], found: set[str], where: Path) -> None:
-    missing = sorted(expected - found)
-    unexpected = sorted(found - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {short_list(unexpected)}")
-        raise CheckpointError(
-            f"DiT weights in {where} do not match the architecture: " + "; ".join(parts)
-        )
+    problem = key_mismatch(expected - found, found - expected)
+    if problem:
+        raise CheckpointError(f"DiT weights in {where} do not match the architecture: {problem}")
 
 
 def load_dit_weights(model: torch.nn.Module, src: SafetensorsSource, where: Path, device) -> None:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lightx2v.errors import CheckpointError, LX2VError
-from lightx2v.fileio import atomic_torch_save, load_pth, short_list
+from lightx2v.fileio import atomic_torch_save, key_mismatch, load_pth, short_list
 
 OFFICIAL_FILENAME = "Wan2.1_VAE.pth"
 
@@ -259,15 +259,9 @@ def _build_and_load(
     with torch.device("meta"):
         model = AutoencoderKLWan.from_config(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s): {short_list(unexpected)}")
-        raise CheckpointError(f"{source}: VAE checkpoint does not match: " + "; ".join(parts))
+    problem = key_mismatch(set(expected) - set(sd), set(sd) - set(expected))
+    if problem:
+        raise CheckpointError(f"{source}: VAE checkpoint does not match: {problem}")
     wrong = [
         f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})"
         for k, v in expected.items()
