@@ -282,7 +282,11 @@ class WanPipeline:
             self._sync()
             step_times.append(time.perf_counter() - t0)
         if isinstance(runners[0], TeaCacheMixin):
-            self.teacache_summary = runners[0].teacache_summary()
+            # sequential CFG runs two caches; they usually agree, and when not, say both
+            sums = [r.teacache_summary() for r in runners]
+            self.teacache_summary = (
+                sums[0] if len(set(sums)) == 1 else f"cond {sums[0]}; uncond {sums[1]}"
+            )
         return latents, step_times
 
     @staticmethod
