@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import platform
 import sys
-from pathlib import Path
 
 from lightx2v import __version__
 from lightx2v.config import RESOLUTIONS, RUN_PRESETS, RunConfig
@@ -278,7 +276,7 @@ def _prepare_run(args):
 
         task = task or "i2v"
         for k, v in EMBEDDED_DEFAULTS.items():
-            if k not in (cfg_request_keys(args.config)):
+            if k not in cfg.request_keys:
                 setattr(req, k, v)
         print(
             f"lx2v: no --model given: using the embedded tiny {task.upper()} model. Its weights are "
@@ -359,7 +357,7 @@ def _prepare_run(args):
     from lightx2v.schedule import is_step_distilled
 
     if is_step_distilled(req.sampler):  # unset steps/guidance are no user choice to warn about
-        given = cfg_request_keys(args.config)
+        given = cfg.request_keys
         if args.guidance is None and "guidance" not in given:
             req.guidance = 1.0
         if args.steps is None and "steps" not in given:
@@ -399,14 +397,6 @@ def _execute_run(args, ckpt, req, rt, output, parallel: bool) -> int:
     print(f"lx2v: wrote {out} ({req.frames} frames, {req.width}x{req.height}, {req.fps} fps)")
     print(f"lx2v: {result.summary()}")
     return 0
-
-
-def cfg_request_keys(config_path: str | None) -> set[str]:
-    """Request keys a config file sets explicitly (those win over the embedded defaults)."""
-    if not config_path:
-        return set()
-    raw = json.loads(Path(config_path).read_text())
-    return set(raw.get("request", {}))
 
 
 def cmd_convert(args) -> int:

@@ -234,6 +234,8 @@ class RunConfig:
     output: str = "output.mp4"
     request: GenerationRequest = field(default_factory=GenerationRequest)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    # request fields the file set explicitly (they win over defaults a caller fills in)
+    request_keys: set[str] = field(default_factory=set)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
@@ -256,6 +258,8 @@ class RunConfig:
             if key in sections:
                 if not isinstance(value, dict):
                     raise LX2VError(f"{source}: '{key}' must be an object")
+                if key == "request":
+                    cfg.request_keys = set(value)
                 _update(sections[key], value, f"{source}: {key}")
             elif key in ("model", "output"):
                 if not isinstance(value, str):

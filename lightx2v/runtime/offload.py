@@ -54,6 +54,8 @@ import torch
 from torch import nn
 
 from lightx2v.errors import CheckpointError, LX2VError
+from lightx2v.fileio import atomic_file
+from lightx2v.quant.stio import OutTensor, TensorInfo, build_header, index_file
 from lightx2v.runtime.runner import DiTRunner
 
 log = logging.getLogger("lightx2v")
@@ -277,27 +279,19 @@ def _empty_host(nbytes: int, pinned: bool) -> torch.Tensor:
 # reading safetensors tensors into memory we own
 
 
-@dataclass(frozen=True)
-class TensorSource:
-    """Where one tensor's bytes are: a file, a byte range, the stored dtype and shape."""
-
-    file: Path
-    begin: int
-    end: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+# Where one tensor's bytes are (file, byte range, stored dtype and shape): the converter's
+# safetensors index entry.
+TensorSource = TensorInfo
 
 
 def index_safetensors(files, rename=lambda k: k) -> dict[str, TensorSource]:
     """Tensor name (after `rename`; None drops it) → TensorSource, over safetensors files."""
-    from lightx2v.quant.stio import index_file
-
     out: dict[str, TensorSource] = {}
     for f in files:
         for raw, info in index_file(Path(f)).items():
             name = rename(raw)
             if name is not None:
-                out[name] = TensorSource(info.file, info.begin, info.end, info.dtype, info.shape)
+                out[name] = info
     return out
 
 
@@ -940,30 +934,14 @@ def offloader_of(dit) -> BlockOffloader | None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file (our own writer: FP8 dtypes need no particular safetensors version)."""
-    import json
-    import struct
-
-    from lightx2v.quant.stio import DTYPE_NAMES
-
-    header: dict = {"__metadata__": {"format": "pt"}}
-    off = 0
-    cpu = {}
-    for k, v in tensors.items():
-        t = v.detach().to("cpu").contiguous()
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                     "data_offsets": [off, off + n]}  # fmt: skip
-        off += n
-        cpu[k] = t
-    body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(body)) + body)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = build_header([OutTensor(k, t.dtype, tuple(t.shape), []) for k, t in cpu.items()],
+                          {"format": "pt"})  # fmt: skip
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
         for t in cpu.values():
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    os.replace(tmp, path)
 
 
 def write_block_shards(dit, folder: str | Path) -> dict[str, TensorSource]:
