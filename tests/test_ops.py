@@ -247,6 +247,119 @@ def test_kernels_package_imports_from_source_tree():
         assert dispatch.kernel_module("norm").__name__ == "lightx2v.kernels.norm"
 
 
+def test_cuda_backend_request_without_cuda_names_the_reason():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    before = dispatch.kernel_report()
+    with pytest.raises(LX2VError, match="'cuda' was requested but is unavailable: no CUDA device"):
+        dispatch.set_kernel_backend("cuda")
+    assert dispatch.kernel_report() == before  # a failed request changes nothing
+
+
+def test_auto_without_cuda_is_reference_for_every_op():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert dispatch.set_kernel_backend("auto") == "ref"
+    assert {dispatch.op_backend(op) for op in dispatch.FUSED_OPS} == {"ref"}
+    assert dispatch.op_backend("some_triton_only_op") == "ref"
+    report = dispatch.kernel_report()
+    assert report["csrc"] == "no CUDA device" and set(report["ops"].values()) == {"ref"}
+
+
+def test_env_request_for_cuda_fails_at_first_op():
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA ops may be built on a CUDA machine")
+    code = (
+        "import torch\n"
+        "from lightx2v.ops import rope, dispatch\n"
+        "from lightx2v.errors import LX2VError\n"
+        "assert dispatch.kernel_report()['backend'] == 'missing'\n"
+        "x = torch.randn(1, 3, 8)\n"
+        "try:\n"
+        "    rope.rms_norm(x, x[0, 0])\n"
+        "except LX2VError as e:\n"
+        "    print('LX2VError', e)\n"
+    )
+    env = {**os.environ, "LX2V_KERNELS": "cuda"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "LX2VError" in out.stdout and "'cuda'" in out.stdout and "no CUDA device" in out.stdout
+
+
+@pytest.fixture
+def fake_kernel_backends(monkeypatch):
+    """Pretend csrc and Triton are available (or not) to test the per-op choice on a CPU.
+
+    Yields set_available(cuda=..., triton=...); the real dispatch state comes back after.
+    """
+    saved, logged = dict(vars(dispatch._state)), set(dispatch._shape_fallbacks_logged)
+
+    def set_available(cuda: bool, triton: bool) -> None:
+        monkeypatch.setattr(dispatch, "_cuda_status", lambda: (cuda, "csrc status"))
+        monkeypatch.setattr(dispatch, "_triton_status", lambda: (triton, "triton status"))
+
+    yield set_available
+    vars(dispatch._state).clear()
+    vars(dispatch._state).update(saved)
+    dispatch._shape_fallbacks_logged.clear()
+    dispatch._shape_fallbacks_logged.update(logged)
+
+
+def test_cuda_backend_covers_its_ops_and_triton_the_rest(fake_kernel_backends):
+    fake_kernel_backends(cuda=True, triton=True)
+    assert dispatch.set_kernel_backend("auto") == "cuda"
+    for op in dispatch.FUSED_OPS:
+        assert dispatch.op_backend(op) == ("cuda" if op in dispatch.CUDA_OPS else "triton"), op
+    assert dispatch.op_backend("some_triton_only_op") == "triton"
+    report = dispatch.kernel_report()
+    assert report["ops"] == {op: dispatch.op_backend(op) for op in dispatch.FUSED_OPS}
+    # `lx2v info` prints the reason: it names each backend's ops
+    cuda_part, triton_part = report["reason"].split("; ")
+    assert cuda_part == "cuda for adaln_fp8, rms_norm, qk_norm_rope — csrc status"
+    assert triton_part == "triton for adaln, affine_layer_norm, gated_residual_ — triton status"
+    assert dispatch.set_kernel_backend("cuda") == "cuda"
+    assert dispatch.set_kernel_backend("triton") == "triton"
+    assert {dispatch.op_backend(op) for op in dispatch.FUSED_OPS} == {"triton"}
+    assert dispatch.set_kernel_backend("ref") == "ref"
+    assert {dispatch.op_backend(op) for op in dispatch.FUSED_OPS} == {"ref"}
+
+
+def test_auto_without_csrc_logs_one_line_and_uses_triton(fake_kernel_backends, caplog):
+    fake_kernel_backends(cuda=False, triton=True)
+    with caplog.at_level(logging.DEBUG, logger="lightx2v.ops.dispatch"):
+        assert dispatch.set_kernel_backend("auto") == "triton"
+    assert {dispatch.op_backend(op) for op in dispatch.FUSED_OPS} == {"triton"}
+    assert len(caplog.records) == 1 and "csrc status" in caplog.records[0].getMessage()
+    with pytest.raises(LX2VError, match="'cuda' was requested but is unavailable: csrc status"):
+        dispatch.set_kernel_backend("cuda")
+
+
+def test_cuda_without_triton_leaves_the_other_ops_on_the_reference(fake_kernel_backends):
+    fake_kernel_backends(cuda=True, triton=False)
+    assert dispatch.set_kernel_backend("cuda") == "cuda"
+    for op in dispatch.FUSED_OPS:
+        assert dispatch.op_backend(op) == ("cuda" if op in dispatch.CUDA_OPS else "ref"), op
+
+
+def test_shape_the_csrc_kernel_refuses_falls_back_once(fake_kernel_backends, monkeypatch, caplog):
+    """cuda_impl asks lightx2v.ops._cuda whether the kernel takes the input (a fake here)."""
+    fake_kernel_backends(cuda=True, triton=True)
+    dispatch.set_kernel_backend("auto")
+
+    class FakeCsrc:
+        @staticmethod
+        def unsupported(op, x, **shape):
+            return None if x.shape[-1] % 8 == 0 else f"D={x.shape[-1]}"
+
+    monkeypatch.setattr(dispatch, "csrc", lambda: FakeCsrc)
+    assert dispatch.cuda_impl("rms_norm", torch.zeros(1, 2, 64)) == "cuda"
+    with caplog.at_level(logging.WARNING, logger="lightx2v.ops.dispatch"):
+        for _ in range(3):
+            assert dispatch.cuda_impl("rms_norm", torch.zeros(1, 2, 60)) == "triton"
+    assert len(caplog.records) == 1 and "lx2v_C.rms_norm does not take D=60" in caplog.text
+    assert dispatch.cuda_impl("adaln", torch.zeros(1, 2, 60)) == "triton"  # no csrc kernel
+
+
 # ---------------------------------------------------------------------------------------
 # custom ops: schemas, fake kernels, compile
 

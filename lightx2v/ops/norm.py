@@ -16,7 +16,7 @@ bias [D]. Outputs are new contiguous [B, L, D] tensors; the FP8 scale is [B, L, 
 import torch
 import torch.nn.functional as F
 
-from lightx2v.ops.dispatch import kernel_module, use_kernels
+from lightx2v.ops.dispatch import csrc, cuda_impl, kernel_module, use_kernels
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_AMAX = 1e-12  # keeps an all-zero row's scale finite
@@ -59,7 +59,8 @@ def affine_layer_norm_ref(
 
 
 # ---------------------------------------------------------------------------------------
-# custom ops: the reference by default, the Triton kernel on CUDA
+# custom ops: the reference by default; on CUDA the op's backend (dispatch.cuda_impl):
+# the csrc kernel (adaln_fp8), else the Triton kernel, else the reference
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +81,8 @@ def _(x, shift, scale, eps, out_dtype):
 
 @_adaln_op.register_kernel("cuda")
 def _(x, shift, scale, eps, out_dtype):
+    if cuda_impl("adaln", x) == "ref":
+        return adaln_ref(x, shift, scale, eps, out_dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if out.numel():
         kernel_module("norm").layer_norm(
@@ -105,6 +108,11 @@ def _(x, shift, scale, eps):
 
 @_adaln_fp8_op.register_kernel("cuda")
 def _(x, shift, scale, eps):
+    impl = cuda_impl("adaln_fp8", x)
+    if impl == "cuda":
+        return csrc().adaln_fp8(x, shift, scale, eps)
+    if impl == "ref":
+        return adaln_fp8_ref(x, shift, scale, eps)
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if out.numel():
@@ -129,6 +137,8 @@ def _(x, weight, bias, eps, out_dtype):
 
 @_affine_layer_norm_op.register_kernel("cuda")
 def _(x, weight, bias, eps, out_dtype):
+    if cuda_impl("affine_layer_norm", x) == "ref":
+        return affine_layer_norm_ref(x, weight, bias, eps, out_dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if out.numel():
         kernel_module("norm").layer_norm(

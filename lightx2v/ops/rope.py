@@ -17,7 +17,7 @@ rounded once at the end (the unfused model rounds to bf16 between norm and rope 
 
 import torch
 
-from lightx2v.ops.dispatch import kernel_module, use_kernels
+from lightx2v.ops.dispatch import csrc, cuda_impl, kernel_module, use_kernels
 
 # ---------------------------------------------------------------------------------------
 # references: the definition of each op, fp32 inside
@@ -49,7 +49,8 @@ def qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, num_heads: int, eps: fl
 
 
 # ---------------------------------------------------------------------------------------
-# custom ops: the reference by default, the Triton kernel on CUDA
+# custom ops: the reference by default; on CUDA the op's backend (dispatch.cuda_impl):
+# the csrc kernel, else the Triton kernel, else the reference
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,11 @@ def _(x, weight, eps):
 
 @_rms_norm_op.register_kernel("cuda")
 def _(x, weight, eps):
+    impl = cuda_impl("rms_norm", x)
+    if impl == "cuda":
+        return csrc().rms_norm(x, weight, eps)
+    if impl == "ref":
+        return rms_norm_ref(x, weight, eps)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel():
         kernel_module("rope").rms_norm_rope(_unit_last(x), out, weight.contiguous(), eps)
@@ -103,6 +109,11 @@ def _(q, k, weight_q, weight_k, cos, sin, num_heads, eps):
 @_qk_norm_rope_op.register_kernel("cuda")
 def _(q, k, weight_q, weight_k, cos, sin, num_heads, eps):
     B, L, D = q.shape
+    impl = cuda_impl("qk_norm_rope", q, k=k, head_dim=D // num_heads)
+    if impl == "cuda":
+        return csrc().qk_norm_rope(q, k, weight_q, weight_k, cos, sin, num_heads, eps)
+    if impl == "ref":
+        return qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, num_heads, eps)
     shape = (B, L, num_heads, D // num_heads)
     q_out = torch.empty(shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(shape, dtype=k.dtype, device=k.device)
