@@ -164,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-vram", type=float, metavar="GB", help="GPU memory budget for --offload auto"
     )
     r.add_argument(
-        "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory, slower)"
+        "--vae-tiling",
+        nargs="?",
+        const="on",
+        choices=["auto", "on", "off"],
+        help="VAE decode in spatial tiles (less memory, slower): auto (default) tiles only when "
+        "the untiled decode would not fit the GPU memory then free (or --max-vram), with the "
+        "largest tile that fits; on (also a bare --vae-tiling) = always, 256 px tiles; off = never",
     )
     r.add_argument(
         "--attention",
@@ -311,8 +317,8 @@ def _prepare_run(args):
         rt.dtype = args.dtype
     if args.cfg_sequential:
         rt.cfg_batch = False
-    if args.vae_tiling:
-        rt.vae_tiling = True
+    if args.vae_tiling is not None:
+        rt.vae_tiling = args.vae_tiling
     if args.compile is not None:
         rt.compile = args.compile
     if args.offload:

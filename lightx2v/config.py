@@ -167,7 +167,10 @@ class RuntimeOptions:
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
     cfg_batch: bool = True  # cond and uncond as one batch of 2
     compile: bool | None = None  # regional torch.compile of the blocks; None: on for CUDA
-    vae_tiling: bool = False
+    # VAE decode in spatial tiles: auto (tile only when the untiled decode would not fit the
+    # GPU memory free then, capped by max_vram; the largest tile that fits), on, off.
+    # JSON true/false mean on/off.
+    vae_tiling: str | bool = "auto"
     offload_encoders: bool = True  # move text/image encoders off the GPU after use
     offload: str = "auto"  # DiT blocks: none | block | disk | auto (resident as far as they fit)
     quant: str = (
@@ -190,6 +193,7 @@ class RuntimeOptions:
                 raise LX2VError(
                     f"{key} {getattr(self, key)!r}: expected one of {', '.join(allowed)}"
                 )
+        self.vae_tiling = vae_tiling_mode(self.vae_tiling)
         if self.attention_exact_steps < 0:
             raise LX2VError(f"attention_exact_steps {self.attention_exact_steps}: must be >= 0")
         if self.max_vram is not None and not self.max_vram > 0:
@@ -201,6 +205,19 @@ class RuntimeOptions:
             parent = folder if folder.exists() else folder.parent
             if not parent.is_dir() or not os.access(parent, os.W_OK):
                 raise LX2VError(f"--save-frames {folder}: cannot create or write that folder")
+
+
+VAE_TILING_MODES = ("auto", "on", "off")
+
+
+def vae_tiling_mode(value: str | bool) -> str:
+    """auto | on | off from a vae_tiling setting; true/false (the older boolean) mean on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value in VAE_TILING_MODES:
+        return value
+    raise LX2VError(f"vae_tiling {value!r}: expected one of {', '.join(VAE_TILING_MODES)} "
+                    "(or true/false)")  # fmt: skip
 
 
 # Named configurations (`--preset`), one per row of LightX2V's benchmark table, as

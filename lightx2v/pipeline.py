@@ -302,8 +302,21 @@ class WanPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        video = self.vae.decode(latents[None], tiled=self.runtime.vae_tiling)
+        """Untiled or tiled as `vae_tiling` says; auto decides from the memory free now."""
+        z = latents[None]
+        plan = self.vae.plan_decode(z.shape, self.runtime.vae_tiling, self.runtime.max_vram)
+        log.info(plan.describe())
+        video = self.vae.decode(z, **plan.decode_kwargs())
         return video[0].float().cpu()
+
+    def release_dit_memory(self) -> None:
+        """Before the decode: with offload auto, the DiT's resident blocks leave the GPU so
+        the decode has their room. Costs nothing: the next generation's encode releases them
+        anyway, and its first step brings them back. (Freed memory stays in torch's cache,
+        which the decode's budget counts; no empty_cache needed.)"""
+        off = offloader_of(self.dit)
+        if off is not None and off.auto:
+            off.release()
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -321,6 +334,8 @@ class WanPipeline:
         t1 = time.perf_counter()
         latents, step_times = self.denoise(req, context, clip, y, progress)
         t2 = time.perf_counter()
+        del context, clip, y  # the DiT's inputs: the decode needs none of them
+        self.release_dit_memory()
         video = self.decode(latents)
         t3 = time.perf_counter()
         peak = None

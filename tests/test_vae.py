@@ -20,14 +20,19 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import load_file, save_file
 
 from lightx2v.errors import CheckpointError, LX2VError
+from lightx2v.models.wan import vae as vae_module
 from lightx2v.models.wan.vae import (
     OFFICIAL_FILENAME,
     TINY_VAE_CONFIG,
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
     WanVAE,
+    decode_memory_budget,
+    decode_peak_bytes,
     diffusers_to_official_key,
     official_to_diffusers_key,
+    plan_decode,
+    tile_grid,
 )
 from lightx2v.models.wan.vae import write_tiny_vae as write_tiny
 
@@ -327,3 +332,124 @@ def test_not_a_checkpoint(tmp_path):
         WanVAE.from_official(tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="config.json"):
         WanVAE.from_diffusers(tmp_path)
+
+
+# ---- decode memory model and the tiling plan -------------------------------------------------
+
+
+def test_estimate_is_monotonic_in_size():
+    """More frames, rows or columns never need less memory, untiled or at a fixed tile; and at
+    real sizes tiling needs less than the whole frame."""
+    base = (1, 16, 5, 40, 64)
+    for tile in (None, (256, 192)):
+        for axis in (2, 3, 4):
+            sizes = [base[:axis] + (n,) + base[axis + 1 :] for n in range(2, 90, 3)]
+            est = [decode_peak_bytes(s, tile) for s in sizes]
+            assert all(a <= b for a, b in zip(est, est[1:], strict=False)), (tile, axis)
+            if tile is None:
+                assert all(a < b for a, b in zip(est, est[1:], strict=False)), axis
+    assert decode_peak_bytes((2, *base[1:])) == 2 * decode_peak_bytes(base)
+    for lat in ((1, 16, 21, 60, 104), (1, 16, 21, 90, 160)):  # 480P, 720P, 81 frames
+        untiled = decode_peak_bytes(lat)
+        assert untiled > 1e9
+        for tile in ((256, 192), (384, 320), (512, 448)):
+            assert decode_peak_bytes(lat, tile) < untiled, (lat, tile)
+    assert decode_peak_bytes(base, None, torch.float32) > decode_peak_bytes(base)
+
+
+def test_tile_grid_matches_diffusers_loop():
+    # latent 8 x 24 at 128/64 px (16/8 latent): rows start at 0 only, columns at 0, 8, 16
+    assert tile_grid(8, 24, (128, 64)) == [(8, 16), (8, 16), (8, 8)]
+    assert tile_grid(16, 16, (128, 64)) == []  # the frame fits one tile: decoded whole
+
+
+def test_auto_is_untiled_on_cpu(vae):
+    assert decode_memory_budget(torch.device("cpu")) is None
+    plan = vae.plan_decode((1, 16, 21, 90, 160), "auto", max_vram_gb=1)
+    assert not plan.tiled and plan.budget is None
+    assert plan.describe() == "VAE decode: untiled (auto: no memory cap on this device)"
+    assert vae.plan_decode((1, 16, 2, 8, 8), "on").decode_kwargs() == {
+        "tiled": True, "tile_size": 256, "tile_stride": 192}  # fmt: skip
+    assert not vae.plan_decode((1, 16, 2, 8, 8), False).tiled
+
+
+def test_auto_tiles_under_a_small_budget(vae, monkeypatch):
+    """A budget the untiled decode does not fit: the largest tile whose estimate fits, and
+    that tile decodes the tiny VAE to the untiled shape."""
+    latents = torch.randn(1, 16, 2, 8, 24, generator=torch.Generator().manual_seed(0))
+    untiled = decode_peak_bytes(latents.shape, None, vae.dtype)
+    margin = 1 << 29  # plan_decode keeps max(512 MiB, 5%) aside
+    asked = []
+
+    def fake_budget(device, max_vram_gb=None):
+        asked.append((device, max_vram_gb))
+        return margin + untiled - 1
+
+    monkeypatch.setattr(vae_module, "decode_memory_budget", fake_budget)
+    plan = vae.plan_decode(latents.shape, "auto", max_vram_gb=3.0)
+    assert asked == [(vae.device, 3.0)]
+    assert plan.tiled and plan.fits, plan
+    size, stride = plan.tile_size, plan.tile_stride
+    assert size % 8 == 0 and stride == size - 64 and size >= 128
+    assert plan.estimate <= untiled - 1
+    for larger in range(size + 8, 8 * 24, 8):  # every larger tile would not have fit
+        assert decode_peak_bytes(latents.shape, (larger, larger - 64), vae.dtype) > untiled - 1
+    line = plan.describe()
+    assert line.startswith(f"VAE decode: tiled {size}/{stride} px (auto: ") and "\n" not in line
+    video = vae.decode(latents, **plan.decode_kwargs())
+    assert video.shape == vae.decode(latents).shape == (1, 3, 5, 64, 192)
+
+    # nothing fits: the smallest tile, said to be a risk
+    monkeypatch.setattr(vae_module, "decode_memory_budget", lambda d, m=None: 1)
+    plan = vae.plan_decode(latents.shape)
+    assert plan.tiled and (plan.tile_size, plan.tile_stride) == (128, 64) and not plan.fits
+    assert plan.describe().endswith("may not fit")
+    # a frame within the smallest tile cannot be split
+    assert not vae.plan_decode((1, 16, 2, 8, 8)).tiled
+
+
+def test_pipeline_decode_follows_the_plan(tiny_ckpts, monkeypatch, caplog):
+    from lightx2v.config import GenerationRequest, RuntimeOptions
+    from lightx2v.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_ckpts["t2v", "official"], RuntimeOptions())
+    req = GenerationRequest(prompt="a fox", width=160, height=96, frames=5, steps=1)
+    with caplog.at_level("INFO", logger="lightx2v"):
+        result = pipe.generate(req, progress=False)
+    assert "VAE decode: untiled (auto: no memory cap on this device)" in caplog.text
+    monkeypatch.setattr(vae_module, "decode_memory_budget", lambda d, m=None: (1 << 29) + 1)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lightx2v"):
+        tiled = pipe.generate(req, progress=False)
+    assert "VAE decode: tiled " in caplog.text
+    assert tiled.video.shape == result.video.shape == (3, 5, 96, 160)
+    torch.testing.assert_close(tiled.latents, result.latents, rtol=0, atol=0)
+
+
+def test_vae_tiling_setting_accepts_modes_and_booleans():
+    from lightx2v.cli import build_parser
+    from lightx2v.config import RunConfig, RuntimeOptions, vae_tiling_mode
+
+    assert RuntimeOptions().vae_tiling == "auto"
+    for value, mode in ((True, "on"), (False, "off"), ("auto", "auto"), ("off", "off")):
+        cfg = RunConfig.from_dict({"runtime": {"vae_tiling": value}})
+        cfg.runtime.validate()
+        assert cfg.runtime.vae_tiling == mode == vae_tiling_mode(value)
+    for bad in ("sometimes", "ON", "true", ""):
+        rt = RuntimeOptions(vae_tiling=bad)
+        with pytest.raises(LX2VError, match="vae_tiling .*expected one of auto, on, off") as e:
+            rt.validate()
+        assert "\n" not in str(e.value)
+    with pytest.raises(LX2VError, match="'vae_tiling' = 1 is not of type"):
+        RunConfig.from_dict({"runtime": {"vae_tiling": 1}})
+    with pytest.raises(LX2VError, match="vae_tiling 'tiles'"):
+        plan_decode((1, 16, 2, 8, 8), "tiles", None)
+
+    parse = build_parser().parse_args
+    assert parse(["run"]).vae_tiling is None  # the config's value (default auto) stays
+    assert parse(["run", "--vae-tiling"]).vae_tiling == "on"  # the old flag
+    assert parse(["run", "--vae-tiling", "-q"]).vae_tiling == "on"
+    for mode in ("auto", "on", "off"):
+        assert parse(["run", "--vae-tiling", mode]).vae_tiling == mode
+    with pytest.raises(SystemExit):
+        parse(["run", "--vae-tiling", "maybe"])

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from lightx2v.config import vae_tiling_mode
 from lightx2v.errors import LX2VError
 from lightx2v.pipeline import WanPipeline
 from lightx2v.runtime.parallel import (
@@ -232,7 +233,7 @@ class ParallelWanPipeline(WanPipeline):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Every rank decodes one horizontal band (with halo; see parallel_vae_decode) and
         gets the whole video; with --vae-tiling (memory first) the usual tiled decode."""
-        if not self.parallel_decode or self.runtime.vae_tiling:
+        if not self.parallel_decode or vae_tiling_mode(self.runtime.vae_tiling) == "on":
             return super().decode(latents)
         video = parallel_vae_decode(self.vae, latents[None].to(self.device), self.groups)
         return video[0].float().cpu()

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,203 @@ def _load_diffusers_weights(vae_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# Decode memory: an explicit model whose constants are measured, and the tiling plan
+#
+# The decoder runs one latent frame (4 pixel frames) at a time and keeps a causal cache of
+# the last 2 frames of every conv's input, so its activations scale with the area decoded at
+# once (the frame, or one tile) and not with the frame count; the video it assembles scales
+# with frames x area. The peak is the larger of two phases, in elements of the model's dtype:
+#
+#   decoding:   act * CHUNK * r            activations + causal cache of one chunk
+#             + 3 * F * (tiles + out * r)  the tiles decoded so far (tiled), and the frames of
+#                                          the region being decoded, concatenated chunk by chunk
+#   assembling: 3 * F * (tiles + out_tiled * H * W)   tiled: the tiles, blended rows, the whole
+#                                          frame, its clamp (untiled: the video, out_tiled = 1)
+#             + 4 bytes * 3 * F * H * W    and the float32 result (unless the model is fp32)
+#
+# r = h x w px is the region decoded at once (the frame untiled, the largest tile tiled),
+# tiles the sum of the tiles' areas (0 untiled), H x W and F the output video. Bytes beyond
+# what is allocated before the decode (weights, latents).
+# --------------------------------------------------------------------------------------------
+
+DECODE_CHUNK_FRAMES = TEMPORAL_STRIDE  # pixel frames the decoder produces per call
+TILE_OVERLAP = 64  # px shared by neighbouring tiles, blended linearly (diffusers: 256 / 192)
+MIN_TILE = 128  # px; auto tiles no smaller (stride 64)
+DEFAULT_TILE = (256, 192)  # `vae_tiling: on`: size / stride in px (diffusers' default)
+
+
+@dataclass(frozen=True)
+class DecodeMemoryModel:
+    """The constants of `decode_peak_bytes` (see the model above) and where they come from."""
+
+    act: float  # elements per pixel of the region decoded at once, per frame of a chunk
+    out: float  # copies of the decoded region's frames while decoding (the concatenation)
+    out_tiled: float  # whole-video copies while tiles are blended, beside the tiles
+    source: str
+
+
+# Fitted by `python3 tools/bench_vae.py --max-vram 8` to torch.cuda.max_memory_allocated on
+# an NVIDIA H200 (bf16, random weights, torch 2.11 + cuDNN 9.19, 2026-11-27) over ten decodes
+# (480P and 720P; untiled at 5 and 81 frames; tiled 256/192, 384/320, 512/448): the estimate
+# is never below the measured peak and at most 12.7% above it (docs/BENCHMARKS.md). Counting
+# live tensors on the meta device gave act=1211, out=1.98, out_tiled=1.1: the GPU adds
+# cuDNN workspaces and allocator rounding.
+DECODE_MEMORY = DecodeMemoryModel(
+    act=1355.1, out=1.94, out_tiled=1.05,
+    source="NVIDIA H200 bf16, tools/bench_vae.py, 2026-11-27",
+)  # fmt: skip
+
+
+def _lat_hw(latent_shape) -> tuple[int, int, int, int]:
+    """(batch, latent frames, h, w) of [B, z, T, h, w] or [z, T, h, w]."""
+    shape = tuple(latent_shape)
+    if len(shape) == 4:
+        shape = (1, *shape)
+    if len(shape) != 5:
+        raise ValueError(f"a latent shape is [B, z, T, h, w], got {shape}")
+    b, _, t, h, w = shape
+    return b, t, h, w
+
+
+def tile_grid(h: int, w: int, tile: tuple[int, int]) -> list[tuple[int, int]]:
+    """Latent (rows, cols) of every tile diffusers decodes for a latent h x w at `tile`
+    = (size, stride) px: a tile starts every stride and is cut at the frame's edge. Empty when
+    the frame fits one tile (diffusers then decodes it whole)."""
+    size, stride = tile[0] // SPATIAL_STRIDE, tile[1] // SPATIAL_STRIDE
+    if h <= size and w <= size:
+        return []
+    return [(min(size, h - i), min(size, w - j))
+            for i in range(0, h, stride) for j in range(0, w, stride)]  # fmt: skip
+
+
+def decode_peak_terms(
+    latent_shape, tile: tuple[int, int] | None = None, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, float]:
+    """The model's terms in bytes: peak = max(decoding, assembling) with
+    decoding = act * x_act + out * x_out + x_tiles and
+    assembling = out_tiled * x_out_tiled + x_tiles + x_result (one batch element)."""
+    _, t, h, w = _lat_hw(latent_shape)
+    frames = (t - 1) * TEMPORAL_STRIDE + 1
+    px = SPATIAL_STRIDE * SPATIAL_STRIDE
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    tiles = tile_grid(h, w, tile) if tile is not None else []
+    region = max(th * tw for th, tw in tiles) * px if tiles else h * w * px
+    video = 3 * frames * itemsize  # bytes per pixel of the whole clip
+    return {
+        "x_act": itemsize * DECODE_CHUNK_FRAMES * region,
+        "x_out": video * region,
+        "x_tiles": video * sum(th * tw for th, tw in tiles) * px,
+        "x_out_tiled": video * h * w * px,
+        "x_result": 0 if dtype == torch.float32 else 4 * 3 * frames * h * w * px,
+        "tiled": bool(tiles),
+    }
+
+
+def decode_peak_bytes(
+    latent_shape,
+    tile: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    model: DecodeMemoryModel | None = None,
+) -> int:
+    """Estimated peak bytes `WanVAE.decode` allocates for `latent_shape` ([B, z, T, h, w]),
+    untiled or at `tile` = (size, stride) px, with the model in `dtype` (see DECODE_MEMORY)."""
+    m = DECODE_MEMORY if model is None else model
+    b = _lat_hw(latent_shape)[0]
+    x = decode_peak_terms(latent_shape, tile, dtype)
+    decoding = m.act * x["x_act"] + m.out * x["x_out"] + x["x_tiles"]
+    copies = m.out_tiled if x["tiled"] else 1.0
+    assembling = copies * x["x_out_tiled"] + x["x_tiles"] + x["x_result"]
+    return int(b * max(decoding, assembling))
+
+
+def decode_memory_budget(device: torch.device, max_vram_gb: float | None = None) -> int | None:
+    """Bytes a decode on `device` may allocate now: free + what torch holds unused, capped by
+    max_vram (a budget for the whole process); None off CUDA, where there is no cap."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    have = free + torch.cuda.memory_reserved(device) - allocated
+    if max_vram_gb is not None:
+        have = min(have, int(max_vram_gb * 1e9) - allocated)
+    return max(have, 0)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one decode runs: untiled, or tiled at (tile_size, tile_stride) px, and why."""
+
+    tiled: bool
+    tile_size: int = DEFAULT_TILE[0]
+    tile_stride: int = DEFAULT_TILE[1]
+    mode: str = "auto"
+    estimate: int | None = None  # bytes, of the chosen way
+    untiled_estimate: int | None = None
+    budget: int | None = None  # bytes available, None: no cap known
+    fits: bool = True
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        return {"tiled": self.tiled, "tile_size": self.tile_size, "tile_stride": self.tile_stride}
+
+    def describe(self) -> str:
+        """One log line."""
+        how = f"tiled {self.tile_size}/{self.tile_stride} px" if self.tiled else "untiled"
+        if self.mode != "auto":
+            return f"VAE decode: {how} (vae_tiling {self.mode})"
+        if self.budget is None:
+            return f"VAE decode: {how} (auto: no memory cap on this device)"
+        gb = 1e9
+        need = f"~{self.untiled_estimate / gb:.1f} GB untiled"
+        if self.tiled:
+            need += f", ~{self.estimate / gb:.1f} GB tiled"
+        line = f"VAE decode: {how} (auto: {need}; {self.budget / gb:.1f} GB available)"
+        if not self.fits:
+            line += "; may not fit"
+        return line
+
+
+def plan_decode(
+    latent_shape,
+    mode: str | bool,
+    budget: int | None,
+    dtype: torch.dtype = torch.bfloat16,
+    model: DecodeMemoryModel | None = None,
+) -> DecodePlan:
+    """`mode` off: untiled; on: tiled at DEFAULT_TILE; auto: untiled when its estimate fits
+    `budget` bytes (less a margin for allocator fragmentation), else the largest tile
+    (multiple of 8 px, overlap TILE_OVERLAP, at least MIN_TILE) whose estimate fits, else
+    MIN_TILE. No budget (CPU): untiled."""
+    from lightx2v.config import vae_tiling_mode
+
+    mode = vae_tiling_mode(mode)
+    if mode == "off":
+        return DecodePlan(tiled=False, mode=mode)
+    if mode == "on":
+        return DecodePlan(tiled=True, mode=mode)
+    if budget is None:
+        return DecodePlan(tiled=False)
+    _, _, h, w = _lat_hw(latent_shape)
+    untiled = decode_peak_bytes(latent_shape, None, dtype, model)
+    usable = budget - max(1 << 29, budget // 20)
+    if untiled <= usable:
+        return DecodePlan(tiled=False, estimate=untiled, untiled_estimate=untiled, budget=budget)
+    largest = SPATIAL_STRIDE * max(h, w) - SPATIAL_STRIDE  # a size >= the frame does not tile
+    for size in range(largest, MIN_TILE - 1, -SPATIAL_STRIDE):
+        tile = (size, size - TILE_OVERLAP)
+        est = decode_peak_bytes(latent_shape, tile, dtype, model)
+        if est <= usable:
+            return DecodePlan(True, *tile, estimate=est, untiled_estimate=untiled, budget=budget)
+    tile = (MIN_TILE, MIN_TILE - TILE_OVERLAP)
+    if not tile_grid(h, w, tile):  # a frame within the smallest tile: nothing to split
+        return DecodePlan(False, estimate=untiled, untiled_estimate=untiled, budget=budget,
+                          fits=False)  # fmt: skip
+    est = decode_peak_bytes(latent_shape, tile, dtype, model)
+    return DecodePlan(True, *tile, estimate=est, untiled_estimate=untiled, budget=budget,
+                      fits=False)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # The VAE
 # --------------------------------------------------------------------------------------------
 
@@ -425,7 +623,7 @@ class WanVAE:
         activation memory is bounded by one tile instead of the whole frame, but the overlap is
         decoded twice (about (size/stride)^2 = 1.8x the work at 256/192), and each tile sees
         only its own context, so the result differs slightly from the untiled one near seams.
-        Frames smaller than one tile are decoded untiled.
+        Frames smaller than one tile are decoded untiled. `plan_decode` chooses for a memory cap.
         """
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"decode expects [B, {self.z_dim}, T, h, w], got {latents.shape}")
@@ -454,6 +652,17 @@ class WanVAE:
         finally:
             (m.use_tiling, m.tile_sample_min_height, m.tile_sample_min_width,
              m.tile_sample_stride_height, m.tile_sample_stride_width) = saved  # fmt: skip
+
+    def plan_decode(
+        self, latent_shape, mode: str | bool = "auto", max_vram_gb: float | None = None
+    ) -> DecodePlan:
+        """How to decode `latent_shape` here and now: `plan_decode` with the memory this VAE's
+        device has free (capped by max_vram_gb); pass `.decode_kwargs()` to `decode`."""
+        from lightx2v.config import vae_tiling_mode
+
+        mode = vae_tiling_mode(mode)  # a bad mode is an error before any memory query
+        budget = decode_memory_budget(self.device, max_vram_gb) if mode == "auto" else None
+        return plan_decode(latent_shape, mode, budget, self.dtype)
 
     # ---- I2V -------------------------------------------------------------------------------
 
