@@ -60,6 +60,10 @@ FP8_CONFIG = (64, 128, 4, 2)
 # accumulates with fewer bits than fp32; at S = 75600 one level measured rel-L2 3.96e-2
 # against two levels' 3.89e-2, and neither was reliably faster (H200, 2026-11-27).
 FP8_TWO_LEVEL = True
+# Tried and dropped (H200, 2026-11-27, S = 32760, bench_attention --sweep): issuing block
+# j+1's Q·Kᵀ before block j's softmax by hand (software pipelining) was slower in every
+# configuration (bf16 P·V 553 vs 624 TFLOP/s, FP8 P·V 720 vs 771), and Triton 3.6's
+# tl.range(warp_specialize=True) changed nothing on Hopper (623 vs 624, 779 vs 771: noise).
 
 
 @triton.jit
@@ -152,6 +156,32 @@ def _quant_v_kernel(
 
 
 @triton.jit
+def _softmax_pv_step(
+    qk, s, m_i, l_i, acc, DV, bh, b, h, j,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, TWO_LEVEL: tl.constexpr,
+):  # fmt: skip
+    """One full key block: online softmax of the int32 logits qk (scale s) and O += P·V."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * s)
+    bias = m_new - 8.0 + 12582912.0 * s
+    # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_new + 8, one FMA
+    qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+    p = tl.math.exp2(qkf * s - bias[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if PV_FP8:
+        vt = DV.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N]
+        p8 = p.to(tl.float8e4nv)
+        if TWO_LEVEL:
+            acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+        else:
+            acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+    else:
+        v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     DQ, QS, DK, KS, DV, VMEAN, VSCALE, DO,
     Lk, Lq_pad, Lk_pad, H,
@@ -183,24 +213,9 @@ def _attn_fwd_kernel(
         k = DK.load([k_row + j * BLOCK_N, 0])
         s = qs * tl.load(ks_ptr + j)
         qk = tl.dot(q, tl.trans(k))  # int32, exact
-        m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * s)
-        bias = m_new - 8.0 + 12582912.0 * s
-        # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_new + 8, one FMA
-        qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True)
-        p = tl.math.exp2(qkf * s - bias[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if PV_FP8:
-            vt = DV.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N]
-            p8 = p.to(tl.float8e4nv)
-            if TWO_LEVEL:
-                acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
-            else:
-                acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
-        else:
-            v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _softmax_pv_step(
+            qk, s, m_i, l_i, acc, DV, bh, b, h, j, D, BLOCK_N, PV_FP8, TWO_LEVEL
+        )
 
     if n_full * BLOCK_N < Lk:  # the last, partial key block
         j = n_full

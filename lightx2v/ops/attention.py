@@ -171,6 +171,37 @@ def _load_flash() -> AttentionFn:
     return attention_flash
 
 
+@torch.library.custom_op("lightx2v::fa4_attention", mutates_args=())
+def _fa4_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func as fa4_func
+
+    out = fa4_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in some versions
+
+
+@_fa4_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def _load_fa4() -> AttentionFn:
+    """FlashAttention 4 (PyPI flash-attn-4: CuTe DSL kernels compiled at first use per
+    shape; forward on compute capability 9.x and 10.x), bf16/fp16 in and out. Called through
+    a custom op, because dynamo cannot trace the CuTe DSL launcher (a compiled block would
+    break its graph)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("needs a CUDA GPU")
+    major = torch.cuda.get_device_capability()[0]
+    if major not in (9, 10):
+        raise RuntimeError(f"flash-attn-4 runs on compute capability 9.x/10.x, not {major}.x")
+    import flash_attn.cute  # noqa: F401  (ImportError here means: not installed)
+
+    def attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _fa4_attention_op(q, k, v)
+
+    return attention_fa4
+
+
 _BACKENDS: dict[str, AttentionFn] = {"sdpa": attention_sdpa, "ref": attention_ref}
 # Optional backends, loaded on first request; the loader raises with the reason if missing.
 _LOADERS: dict[str, Callable[[], AttentionFn]] = {
@@ -178,10 +209,11 @@ _LOADERS: dict[str, Callable[[], AttentionFn]] = {
     "lx2v-int8-fp8": _load_lx2v(attention_lx2v_int8_fp8),
     "sage": _load_sage,
     "flash": _load_flash,
+    "fa4": _load_fa4,
 }
 # "auto" tries these, fastest first by expectation; the self-check times them anyway.
-AUTO_CANDIDATES = ("lx2v-int8-fp8", "lx2v-int8", "sage", "flash", "sdpa")
-ATTENTION_CHOICES = ("auto", "sdpa", "lx2v-int8", "lx2v-int8-fp8", "sage", "flash")
+AUTO_CANDIDATES = ("lx2v-int8-fp8", "lx2v-int8", "fa4", "sage", "flash", "sdpa")
+ATTENTION_CHOICES = ("auto", "sdpa", "lx2v-int8", "lx2v-int8-fp8", "sage", "flash", "fa4")
 _active: list[str] = ["sdpa"]
 _unavailable: dict[str, str] = {}
 _auto_report: dict[str, object] = {}
