@@ -133,3 +133,29 @@ def test_custom_op_fake_kernel():
     k = v = torch.empty(2, 257, 3, 128, device="meta", dtype=torch.bfloat16)
     out = torch.ops.lightx2v.attention_int8(q, k, v, False)
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_fa4_goes_through_a_custom_op_that_compiles(monkeypatch):
+    """flash-attn-4's launcher cannot be traced by dynamo, so the backend calls it through
+    the custom op lightx2v::fa4_attention (fake kernel: the output's shape); a stand-in
+    module checks the call and that a fullgraph compile keeps it as one opaque op."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_fa4(q, k, v):
+        calls.append(q.shape)
+        return A.attention_ref(q, k, v), None  # (out, lse) like flash-attn-4
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = fake_fa4
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    q, k, v = (torch.randn(1, 33, 2, 16) for _ in range(3))
+    eager = A._fa4_attention_op(q, k, v)
+    assert torch.allclose(eager, A.attention_ref(q, k, v)) and calls == [q.shape]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: A._fa4_attention_op(q, k, v) * 2, fullgraph=True)
+    assert torch.allclose(compiled(q, k, v), 2 * eager)
+    torch.library.opcheck(torch.ops.lightx2v.fa4_attention, (q, k, v))

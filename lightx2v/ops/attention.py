@@ -176,12 +176,13 @@ def _fa4_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     from flash_attn.cute import flash_attn_func as fa4_func
 
     out = fa4_func(q, k, v)
-    return out[0] if isinstance(out, tuple) else out  # (out, lse) in some versions
+    out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some versions
+    return out.contiguous()  # the fake kernel promises a contiguous [B, L, H, D]
 
 
 @_fa4_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape)  # contiguous
 
 
 def _load_fa4() -> AttentionFn:
