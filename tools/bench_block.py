@@ -7,6 +7,8 @@ Rows (random weights, bf16 compute, batch 1, median CUDA-event time of repeated 
   kernels     our fused ops (the best backend loaded: csrc CUDA → Triton), eager
   compiled    the block under torch.compile(fullgraph=True) (inductor fuses the references,
               see lightx2v/ops/dispatch.py on why our ops defer to it inside a graph)
+              (the default policy: lightx2v._C's ops stay in the graph as custom ops)
+  compiled, all deferred   the same with every fused op left to inductor
 each for bf16 and FP8 linears (`quantize_dit`), with SDPA attention so the comparison is of
 the memory-bound passes and the linears only; the FP8 rows are repeated with 8-bit
 attention (lx2v-int8) for the full "after" picture. The block updates its residual input in
@@ -79,18 +81,24 @@ def main() -> None:
         set_attention_backend(attention)
         buf = tokens.clone()
         r = dict(config=label, quant=quant, attention=attention)
-        for mode in ("before", "kernels", "compiled"):
+        for mode in ("before", "kernels", "compiled", "compiled_deferred"):
             dispatch.set_kernel_backend("ref" if mode == "before" else "auto")
+            in_graph = set(dispatch.csrc_in_graph)
+            if mode == "compiled_deferred":  # every fused op left to inductor
+                if dispatch.kernel_backend() != "cuda":
+                    continue
+                dispatch.csrc_in_graph = set()
             if mode == "kernels":
                 meta["kernels_backend"] = dispatch.kernel_backend()
             fn = block
-            if mode == "compiled":
+            if mode.startswith("compiled"):
                 torch._dynamo.reset()
                 fn = torch.compile(block, fullgraph=True, dynamic=False)
             try:
                 r[mode] = time_ms(lambda f=fn: f(buf, e, cos, sin, kv), reps=args.reps)
             except Exception as ex:  # reported, the other rows go on
                 r[mode + "_error"] = f"{type(ex).__name__}: {ex}"[:200]
+            dispatch.csrc_in_graph = in_graph
             print(label, mode, r.get(mode, r.get(mode + "_error")), flush=True)
         rows.append(r)
 
@@ -107,11 +115,11 @@ def main() -> None:
     print(f"\n{meta['card']}, {meta['date']}, torch {meta['torch']}, one 14B I2V block, "
           f"{meta['tokens']} tokens, fused ops: {meta['kernels_backend']}")  # fmt: skip
     print("| configuration | before (PyTorch ops) ms | our kernels ms | compiled ms | "
-          "speedup kernels | speedup compiled |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "compiled, all deferred ms | speedup kernels | speedup compiled |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        b, k, c = (r.get(m) for m in ("before", "kernels", "compiled"))
-        cells = [f"{v:.2f}" if v else "error" for v in (b, k, c)]
+        b, k, c, cc = (r.get(m) for m in ("before", "kernels", "compiled", "compiled_deferred"))
+        cells = [f"{v:.2f}" if v else "-" for v in (b, k, c, cc)]
         cells += [f"{b / v:.3f}×" if (b and v) else "-" for v in (k, c)]
         print(f"| {r['config']} | " + " | ".join(cells) + " |")
 

@@ -182,17 +182,25 @@ def op_backend(op: str) -> str:
 # 480P forward, regional compile: bf16 2.855 s with inductor fusing the references vs
 # 2.923 s with our Triton kernels as opaque custom ops (FP8: 2.402 vs 2.490 s; see
 # docs/BENCHMARKS.md). Eager runs use the Triton kernels (3.108 s vs 3.244 s diffusers).
-# The csrc kernels are deferred the same way until a compiled run measures them.
+# The csrc kernels are the exception: kept in the graph as opaque ops they beat inductor's
+# fusion of the references. One 14B I2V block at 480P, compiled, H100 (tools/bench_block.py,
+# 2026-11-27): bf16 67.20 ms with them vs 69.07 ms all deferred, FP8 59.52 vs 60.34 ms.
 compile_deferred: set[str] = set(FUSED_OPS)
+csrc_in_graph: set[str] = set(CUDA_OPS)
 
 
 def use_kernels(x: torch.Tensor, op: str) -> bool:
     """True when op's fused kernel should run for a tensor on x's device."""
     if _state.backend == "missing":
         raise LX2VError(_state.reason)
-    if not x.is_cuda or op_backend(op) == "ref":
+    backend = op_backend(op)
+    if not x.is_cuda or backend == "ref":
         return False
-    return not (op in compile_deferred and torch.compiler.is_compiling())
+    if not torch.compiler.is_compiling():
+        return True
+    if backend == "cuda" and op in csrc_in_graph:
+        return True
+    return op not in compile_deferred
 
 
 def cuda_impl(op: str, x: torch.Tensor, **shape) -> str:
