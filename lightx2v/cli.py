@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         "than the model); auto (default) = resident as far as they fit, the rest streamed",
     )
     r.add_argument(
-        "--max-vram", type=float, metavar="GB", help="GPU memory budget for --offload auto"
+        "--max-vram",
+        type=float,
+        metavar="GB",
+        help="GPU memory budget for --offload auto and --vae-tiling auto",
     )
     r.add_argument(
         "--vae-tiling",
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--attention",
-        help="attention backend: sdpa (default), lx2v-int8 (our 8-bit kernel), sage, flash, auto (fastest that passes a self-check); `lx2v info` lists them",
+        help="attention backend: sdpa (default), lx2v-int8 (our 8-bit kernel), lx2v-int8-fp8, fa4 (flash-attn-4), sage, flash, auto (fastest that passes a self-check); `lx2v info` lists them",
     )
     r.add_argument(
         "--attention-exact-steps",

@@ -176,11 +176,13 @@ class RuntimeOptions:
     quant: str = (
         "none"  # quantize the DiT at load: none | fp8 | int8 (converted checkpoints already are)
     )
-    attention: str = "sdpa"  # attention backend: sdpa | lx2v-int8 | sage | flash | auto
+    attention: str = "sdpa"  # sdpa | lx2v-int8 | lx2v-int8-fp8 | fa4 | sage | flash | auto
     # the first and last N sampling steps use exact bf16 attention (sdpa): a known quality
     # guard for 8-bit attention in video models
     attention_exact_steps: int = 0
-    max_vram: float | None = None  # GB budget for offload auto (default: the card's free memory)
+    max_vram: float | None = (
+        None  # GB budget for offload auto and VAE tiling auto (default: free memory)
+    )
     loras: list[str] = field(default_factory=list)  # "PATH[:STRENGTH]", merged at load
     save_frames: str | None = None  # folder for PNG frames
 
