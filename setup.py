@@ -47,7 +47,8 @@ def nvcc_arches(nvcc: str) -> set[str] | None:
 
 
 def default_arch_list(nvcc: str) -> str:
-    """DEFAULT_ARCHES that nvcc supports, +PTX on the newest (JIT for GPUs newer still)."""
+    """DEFAULT_ARCHES that nvcc supports, +PTX on the newest plain one (JIT for GPUs newer
+    still)."""
     supported = nvcc_arches(nvcc)
     if supported is None:
         raise RuntimeError(
@@ -57,7 +58,13 @@ def default_arch_list(nvcc: str) -> str:
     arches = [a for a in DEFAULT_ARCHES if a.rstrip("a") in supported]
     if not arches:
         raise RuntimeError(f"{nvcc} supports none of {DEFAULT_ARCHES}; set TORCH_CUDA_ARCH_LIST")
-    arches[-1] += "+PTX"
+    # PTX for GPUs newer than any listed: compute_90a-style (arch-specific) PTX cannot be
+    # JIT-compiled for another arch, so the PTX goes with a plain arch
+    newest = arches[-1]
+    if newest.endswith("a"):
+        arches.append(newest[:-1] + "+PTX")
+    else:
+        arches[-1] += "+PTX"
     return ";".join(arches)
 
 

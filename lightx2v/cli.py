@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         help="VAE decode in spatial tiles (less memory, slower): auto (default) tiles only when "
         "the untiled decode would not fit the GPU memory then free (or --max-vram), with the "
-        "largest tile that fits; on (also a bare --vae-tiling) = always, 256 px tiles; off = never",
+        "largest tile that fits; on (also a bare --vae-tiling) = always, 256 px tiles; off = never. "
+        "With --gpus N, auto and off decode in bands split across the ranks instead",
     )
     r.add_argument(
         "--attention",

@@ -453,3 +453,18 @@ def test_vae_tiling_setting_accepts_modes_and_booleans():
         assert parse(["run", "--vae-tiling", mode]).vae_tiling == mode
     with pytest.raises(SystemExit):
         parse(["run", "--vae-tiling", "maybe"])
+
+
+def test_auto_when_nothing_fits_takes_the_least_memory_not_the_smallest_tile():
+    """Smaller tiles decode more overlap, so below some size the estimate grows again; with
+    a budget nothing fits, auto must pick the tile with the smallest estimate."""
+    from lightx2v.models.wan.vae import MIN_TILE, TILE_OVERLAP, decode_peak_bytes
+
+    shape = (1, 16, 21, 90, 160)  # 720P, 81 frames
+    plan = plan_decode(shape, "auto", budget=1)
+    assert plan.tiled and not plan.fits
+    chosen = (plan.tile_size, plan.tile_stride)
+    smallest = decode_peak_bytes(shape, (MIN_TILE, MIN_TILE - TILE_OVERLAP))
+    assert plan.estimate == decode_peak_bytes(shape, chosen) < smallest
+    for size in range(MIN_TILE, 1280, 8):
+        assert plan.estimate <= decode_peak_bytes(shape, (size, size - TILE_OVERLAP))

@@ -78,7 +78,7 @@ for arches in "$@"; do
     env LX2V_LOCAL_VERSION="$local_version" TORCH_CUDA_ARCH_LIST="$arches" LX2V_SKIP_CUDA_BUILD= \
         "$PY" -m pip wheel . --no-deps --no-build-isolation -w dist/ ||
         die "the build failed (see above)"
-    wheel="$(ls dist/lightx2v-"$base+$local_version"-*.whl 2>/dev/null | head -1)"
+    wheel="$(ls dist/lightx2v-"$base+$local_version"-*.whl 2>/dev/null | head -1 || true)"
     [ -n "$wheel" ] || die "no dist/lightx2v-$base+$local_version-*.whl after the build"
     listing="$("$PY" -m zipfile -l "$wheel")"
     grep -q 'lightx2v/_C[^/]*\.so' <<<"$listing" || die "$wheel has no lightx2v/_C*.so"

@@ -78,8 +78,9 @@ def _cuda_status() -> tuple[bool, str]:
         return False, "no CUDA device"
     if importlib.util.find_spec("lightx2v._C") is None:
         return False, (
-            "lightx2v._C is not built (a pure-Python install: reinstall with a CUDA torch and "
-            "nvcc present and LX2V_SKIP_CUDA_BUILD unset)"
+            "lightx2v._C is not built (a pure-Python install: reinstall with "
+            "`pip install --no-build-isolation .` so the build sees the CUDA torch, with nvcc "
+            "present and LX2V_SKIP_CUDA_BUILD unset)"
         )
     try:
         ext = csrc()

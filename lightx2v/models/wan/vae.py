@@ -462,7 +462,7 @@ def plan_decode(
     """`mode` off: untiled; on: tiled at DEFAULT_TILE; auto: untiled when its estimate fits
     `budget` bytes (less a margin for allocator fragmentation), else the largest tile
     (multiple of 8 px, overlap TILE_OVERLAP, at least MIN_TILE) whose estimate fits, else
-    MIN_TILE. No budget (CPU): untiled."""
+    the tile with the smallest estimate (fits=False). No budget (CPU): untiled."""
     from lightx2v.config import vae_tiling_mode
 
     mode = vae_tiling_mode(mode)
@@ -478,16 +478,20 @@ def plan_decode(
     if untiled <= usable:
         return DecodePlan(tiled=False, estimate=untiled, untiled_estimate=untiled, budget=budget)
     largest = SPATIAL_STRIDE * max(h, w) - SPATIAL_STRIDE  # a size >= the frame does not tile
+    best = None  # (estimate, tile) with the smallest estimate, for when nothing fits
     for size in range(largest, MIN_TILE - 1, -SPATIAL_STRIDE):
         tile = (size, size - TILE_OVERLAP)
         est = decode_peak_bytes(latent_shape, tile, dtype, model)
         if est <= usable:
             return DecodePlan(True, *tile, estimate=est, untiled_estimate=untiled, budget=budget)
-    tile = (MIN_TILE, MIN_TILE - TILE_OVERLAP)
-    if not tile_grid(h, w, tile):  # a frame within the smallest tile: nothing to split
+        if tile_grid(h, w, tile) and (best is None or est < best[0]):
+            best = (est, tile)
+    if best is None:  # a frame within the smallest tile: nothing to split
         return DecodePlan(False, estimate=untiled, untiled_estimate=untiled, budget=budget,
                           fits=False)  # fmt: skip
-    est = decode_peak_bytes(latent_shape, tile, dtype, model)
+    # Nothing fits: the least memory. Not the smallest tile, which decodes the most overlap
+    # and can need more (720P: 128 px tiles ~3.0 GB, 320 px ~2.0 GB by this model).
+    est, tile = best
     return DecodePlan(True, *tile, estimate=est, untiled_estimate=untiled, budget=budget,
                       fits=False)  # fmt: skip
 
