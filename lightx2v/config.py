@@ -180,9 +180,8 @@ class RuntimeOptions:
     # the first and last N sampling steps use exact bf16 attention (sdpa): a known quality
     # guard for 8-bit attention in video models
     attention_exact_steps: int = 0
-    max_vram: float | None = (
-        None  # GB budget for offload auto and VAE tiling auto (default: free memory)
-    )
+    # GB budget for offload auto and VAE tiling auto (default: the card's free memory)
+    max_vram: float | None = None
     loras: list[str] = field(default_factory=list)  # "PATH[:STRENGTH]", merged at load
     save_frames: str | None = None  # folder for PNG frames
 

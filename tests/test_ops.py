@@ -220,24 +220,31 @@ def test_auto_fallback_logs_once(caplog):
     assert len(caplog.records) == 1 and "PyTorch reference" in caplog.records[0].getMessage()
 
 
-def test_env_request_for_missing_backend_fails_at_first_op():
-    if torch.cuda.is_available():
-        pytest.skip("triton may be present on a CUDA machine")
+def _first_op_under_env(backend: str, module: str, call: str) -> str:
+    """stdout of a fresh interpreter with LX2V_KERNELS=backend that runs one fused op and
+    prints the LX2VError it raises (import itself must not fail)."""
     code = (
         "import torch\n"
-        "from lightx2v.ops import norm, dispatch\n"
+        f"from lightx2v.ops import {module}, dispatch\n"
         "from lightx2v.errors import LX2VError\n"
         "assert dispatch.kernel_report()['backend'] == 'missing'\n"
         "x = torch.randn(1, 3, 8)\n"
         "try:\n"
-        "    norm.adaln(x, x[:, 0], x[:, 0])\n"
+        f"    {call}\n"
         "except LX2VError as e:\n"
         "    print('LX2VError', e)\n"
     )
-    env = {**os.environ, "LX2V_KERNELS": "triton"}
+    env = {**os.environ, "LX2V_KERNELS": backend}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "LX2VError" in out.stdout and "no CUDA device" in out.stdout
+    return out.stdout
+
+
+def test_env_request_for_missing_backend_fails_at_first_op():
+    if torch.cuda.is_available():
+        pytest.skip("triton may be present on a CUDA machine")
+    out = _first_op_under_env("triton", "norm", "norm.adaln(x, x[:, 0], x[:, 0])")
+    assert "LX2VError" in out and "no CUDA device" in out
 
 
 def test_kernels_package_imports_from_source_tree():
@@ -269,21 +276,8 @@ def test_auto_without_cuda_is_reference_for_every_op():
 def test_env_request_for_cuda_fails_at_first_op():
     if torch.cuda.is_available():
         pytest.skip("the CUDA ops may be built on a CUDA machine")
-    code = (
-        "import torch\n"
-        "from lightx2v.ops import rope, dispatch\n"
-        "from lightx2v.errors import LX2VError\n"
-        "assert dispatch.kernel_report()['backend'] == 'missing'\n"
-        "x = torch.randn(1, 3, 8)\n"
-        "try:\n"
-        "    rope.rms_norm(x, x[0, 0])\n"
-        "except LX2VError as e:\n"
-        "    print('LX2VError', e)\n"
-    )
-    env = {**os.environ, "LX2V_KERNELS": "cuda"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "LX2VError" in out.stdout and "'cuda'" in out.stdout and "no CUDA device" in out.stdout
+    out = _first_op_under_env("cuda", "rope", "rope.rms_norm(x, x[0, 0])")
+    assert "LX2VError" in out and "'cuda'" in out and "no CUDA device" in out
 
 
 @pytest.fixture

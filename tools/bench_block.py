@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_fp8_gemm import bench  # noqa: E402  (tools/ is this script's folder)
+
 from lightx2v.bench import SIZES, dit_inputs, random_dit  # noqa: E402
 from lightx2v.config import ARCH_PRESETS  # noqa: E402
 from lightx2v.ops import dispatch  # noqa: E402
@@ -37,18 +38,8 @@ from lightx2v.ops.attention import set_attention_backend  # noqa: E402
 
 
 def time_ms(fn, reps=20, warm=3) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """Median of `reps` CUDA-event timings after `warm` calls (tools/bench_fp8_gemm.py's)."""
+    return 1e3 * bench(fn, reps, warm)
 
 
 @torch.no_grad()

@@ -21,23 +21,13 @@ import json
 
 import torch
 import triton
-from triton.testing import do_bench
+from bench_ops import copy_bandwidth, ms  # tools/: same timing and copy measurement
 
 from lightx2v.errors import LX2VError
 from lightx2v.ops import dispatch, norm, rope
 
 EPS = 1e-6
 IMPLS = ("csrc", "triton", "torch")
-
-
-def ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    src = torch.empty(nbytes // 4, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / ms(lambda: dst.copy_(src)) / 1e6  # GB/s: read + write
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from lightx2v.models.wan.dit import RMSNorm, layer_norm, rope_apply
+from lightx2v.models.wan.dit import RMSNorm, layer_norm
 from lightx2v.ops import dispatch, norm, residual, rope  # noqa: F401 (registers the lx2v ops)
 
 EPS = 1e-6
@@ -61,10 +61,9 @@ def cases(L: int, D: int, H: int):
             layer_norm(x, EPS) * (1 + scale[:, None]) + shift[:, None]
         )
 
-    def qk_unfused():
-        qq = nq(q).unflatten(-1, (H, -1))
-        kk = nk(k).unflatten(-1, (H, -1))
-        return rope_apply(qq, cos, sin), rope_apply(kk, cos, sin)
+    def qk_unfused():  # RMSNorm module (bf16 out), then the rotation in fp32, bf16 out
+        return (rope.rope_fp32(nq(q).float(), cos, sin).to(q.dtype),
+                rope.rope_fp32(nk(k).float(), cos, sin).to(k.dtype))  # fmt: skip
 
     def residual_unfused():
         return x + y.float() * gate[:, None]
