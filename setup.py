@@ -3,6 +3,9 @@
 Arches come from TORCH_CUDA_ARCH_LIST (e.g. "9.0a" for a fast developer build); without
 it, every arch the installed nvcc supports among 8.0, 8.9, 9.0a, 10.0 and 12.0, with PTX
 for the newest. LX2V_SKIP_CUDA_BUILD=1 builds the pure-Python package.
+When 9.0a is among the arches and CUTLASS's headers are found (`pip install nvidia-cutlass`,
+or CUTLASS_DIR=/path/to/cutlass), the Hopper FP8 GEMMs with fused epilogues are built too,
+into lightx2v._C_sm90 (sm_90a only; csrc/*_sm90.*).
 LX2V_LOCAL_VERSION=cu130torch2.11 appends a local version label (0.1.0+cu130torch2.11);
 tools/build_wheels.sh sets it from the installed torch.
 """
@@ -68,9 +71,28 @@ def default_arch_list(nvcc: str) -> str:
     return ";".join(arches)
 
 
+def cutlass_include_dirs() -> list[str] | None:
+    """CUTLASS's include and tools/util/include directories: from CUTLASS_DIR (a checkout),
+    else from the nvidia-cutlass package (found without importing it); None if neither."""
+    root = os.environ.get("CUTLASS_DIR")
+    if not root:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    if not os.path.exists(os.path.join(dirs[0], "cutlass", "cutlass.h")):
+        return None
+    return dirs
+
+
 def cuda_extensions():
     csrc = ROOT / "csrc"
-    sources = sorted(str(p.relative_to(ROOT)) for p in [*csrc.glob("*.cu"), *csrc.glob("*.cpp")])
+    all_sources = [*csrc.glob("*.cu"), *csrc.glob("*.cpp")]
+    sources = sorted(str(p.relative_to(ROOT)) for p in all_sources if "_sm90" not in p.stem)
+    sm90_sources = sorted(str(p.relative_to(ROOT)) for p in all_sources if "_sm90" in p.stem)
     # Headers are not sources, but rebuild what includes them (and go into an sdist).
     headers = sorted(str(p.relative_to(ROOT)) for p in [*csrc.glob("*.h"), *csrc.glob("*.cuh")])
     if os.environ.get("LX2V_SKIP_CUDA_BUILD") == "1" or not sources:
@@ -103,7 +125,34 @@ def cuda_extensions():
         },
         py_limited_api=False,
     )
-    return [ext], {"build_ext": BuildExtension}
+    exts = [ext]
+    cutlass = cutlass_include_dirs()
+    if not any(a.startswith("9.0") for a in re.split(r"[;\s]+", arches)):
+        print("lightx2v: no 9.0 in TORCH_CUDA_ARCH_LIST; building without lightx2v._C_sm90")
+    elif cutlass is None:
+        print(
+            "lightx2v: CUTLASS headers not found (pip install nvidia-cutlass, or set "
+            "CUTLASS_DIR); building without lightx2v._C_sm90 (the Hopper FP8 GEMM epilogues)"
+        )
+    else:
+        print(f"lightx2v: building lightx2v._C_sm90 for sm_90a with CUTLASS from {cutlass[0]}")
+        exts.append(
+            CUDAExtension(
+                "lightx2v._C_sm90",
+                sm90_sources,
+                depends=headers,
+                include_dirs=cutlass,
+                extra_compile_args={
+                    "cxx": ["-O3", "-DNDEBUG"],
+                    # An -arch/-gencode flag here replaces torch's TORCH_CUDA_ARCH_LIST flags.
+                    # -DNDEBUG: CUTLASS's device asserts are calls, across which ptxas
+                    # serializes the WGMMA pipeline.
+                    "nvcc": ["-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a"],
+                },
+                py_limited_api=False,
+            )
+        )
+    return exts, {"build_ext": BuildExtension}
 
 
 class Distribution(_Distribution):

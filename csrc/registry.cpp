@@ -19,30 +19,11 @@
 #include <cstdint>
 #include <string>
 
+#include "check.h"
 #include "ops.h"
 
 namespace lx2v {
 namespace {
-
-// Error messages are assembled from strings only. On the GPU image an integer streamed into
-// an ostream from this library crashed (SIGSEGV in std::num_put, 2026-11-27): the compiler
-// there builds against libstdc++ headers that differ from the libstdc++ torch runs with, so
-// this library's inlined num_put looked up a locale facet that the stream did not have.
-// std::to_string and the library's own Device::str() never touch locale facets.
-std::string num(int64_t v) { return std::to_string(v); }
-
-std::string dims(c10::IntArrayRef a) {
-  std::string s = "[";
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(a[i]);
-  }
-  return s + "]";
-}
-
-std::string name(at::ScalarType t) { return c10::toString(t); }
-
-std::string where(const at::Device& d) { return d.str(); }
 
 DType dtype_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -57,13 +38,6 @@ DType dtype_of(const at::Tensor& t, const char* what) {
                   name(t.scalar_type()));
   }
   return DType::kFloat32;  // unreachable: TORCH_CHECK(false) throws
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-void check_device(const at::Tensor& t, const at::Tensor& x, const char* what) {
-  TORCH_CHECK(t.device() == x.device(), "lx2v_C: ", what, " is on ", where(t.device()),
-              ", expected ", where(x.device()));
 }
 
 // x [B, L, D]: unit last stride, rows starting on 16-byte boundaries (128-bit loads), and a
@@ -234,6 +208,18 @@ TORCH_LIBRARY(lx2v_C, m) {
   m.def(
       "adaln_fp8(Tensor(a!) out, Tensor(b!) out_scale, Tensor x, Tensor shift, Tensor scale, "
       "float eps) -> ()");
+  // fp8_gemm_sm90.cu: y = (a · a_scale) @ (b · b_scale)ᵀ + bias with a fused epilogue. Their
+  // CUDA kernels are in lightx2v._C_sm90 (built for sm_90a only, with CUTLASS), which
+  // registers them when imported; without it these ops have no CUDA kernel.
+  m.def(
+      "fp8_gemm(Tensor(a!) out, Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, "
+      "Tensor? bias) -> ()");
+  m.def(
+      "fp8_gemm_gelu(Tensor(a!) out, Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, "
+      "Tensor? bias) -> ()");
+  m.def(
+      "fp8_gemm_residual(Tensor(a!) res, Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, "
+      "Tensor? bias, Tensor? gate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lx2v_C, CUDA, m) {

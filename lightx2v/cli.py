@@ -470,6 +470,7 @@ def cmd_info(args) -> int:
     rep = kernel_report()
     why = f" ({rep['reason']})" if rep["reason"] else ""
     print(f"fused ops ({', '.join(rep['ops'])}): {rep['backend']}{why}")
+    print(f"FP8 GEMM epilogues (GELU, gated residual): {rep['fp8_gemm_epilogues']}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for scheme in ("fp8", "int8"):
         print(f"{scheme} linear backends on {dev}: {', '.join(available_backends(scheme, dev))}")

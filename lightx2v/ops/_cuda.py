@@ -7,6 +7,9 @@ lightx2v.ops.dispatch imports it (through `dispatch.csrc()`) only where a CUDA d
     torch.ops.lx2v_C.rms_norm(out, x, weight, eps)
     torch.ops.lx2v_C.qk_norm_rope(q_out, k_out, q, k, weight_q, weight_k, cos, sin, eps)
     torch.ops.lx2v_C.adaln_fp8(out, out_scale, x, shift, scale, eps)
+    torch.ops.lx2v_C.fp8_gemm[_gelu](out, a, a_scale, b, b_scale, bias)    (lightx2v/ops/gemm.py;
+    torch.ops.lx2v_C.fp8_gemm_residual(res, a, a_scale, b, b_scale, bias, gate)   kernels in
+                                                                            lightx2v._C_sm90)
 
 Each writes its caller-allocated outputs (schemas mark them `Tensor(a!)`) and returns
 nothing. Inputs: x, q, k [B, L, D] float32/bfloat16/float16 with a unit last stride and rows
@@ -45,6 +48,22 @@ def _(q_out, k_out, q, k, weight_q, weight_k, cos, sin, eps):
 
 @torch.library.register_fake("lx2v_C::adaln_fp8")
 def _(out, out_scale, x, shift, scale, eps):
+    return None
+
+
+# The FP8 GEMMs (lightx2v/ops/gemm.py); their CUDA kernels come with lightx2v._C_sm90.
+@torch.library.register_fake("lx2v_C::fp8_gemm")
+def _(out, a, a_scale, b, b_scale, bias):
+    return None
+
+
+@torch.library.register_fake("lx2v_C::fp8_gemm_gelu")
+def _(out, a, a_scale, b, b_scale, bias):
+    return None
+
+
+@torch.library.register_fake("lx2v_C::fp8_gemm_residual")
+def _(res, a, a_scale, b, b_scale, bias, gate):
     return None
 
 

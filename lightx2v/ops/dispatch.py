@@ -168,6 +168,11 @@ def _log_fallback(name, cuda_ok, cuda_why, triton_ok, triton_why) -> None:
         log.log(level, "fused ops %s use the PyTorch reference: %s", ", ".join(rest), triton_why)
 
 
+def requested_backend() -> str:
+    """What was asked for: "auto", "cuda", "triton" or "ref"."""
+    return _state.requested
+
+
 def kernel_backend() -> str:
     """The best backend any fused op uses ("cuda", "triton" or "ref"); see op_backend."""
     return _state.backend
@@ -247,7 +252,16 @@ def kernel_report() -> dict:
         "csrc": _state.csrc,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": {op: _state.ops.get(op, _state.backend) for op in FUSED_OPS},
+        "fp8_gemm_epilogues": _gemm_report(),
     }
+
+
+def _gemm_report() -> str:
+    """Which FP8 GEMM epilogue path runs on the current device, and why."""
+    from lightx2v.ops import gemm  # imports this module
+
+    backend, why = gemm.epilogue_backend()
+    return f"{backend}: {why}"
 
 
 def _initial_backend() -> None:

@@ -1,0 +1,31 @@
+// The FP8 GEMM with the epilogue out = bf16(y); the kernel and the epilogue trees
+// are in csrc/fp8_gemm_sm90.cuh.
+
+#include "fp8_gemm_sm90.cuh"
+
+namespace lx2v {
+namespace {
+using namespace sm90;
+template <class Cfg>
+using G = Gemm<Cfg, void, BF16, typename Evt<typename Cfg::Tile, BF16>::BiasTree>;
+}  // namespace
+
+size_t fp8_gemm_bias_sm90_workspace(const Fp8GemmArgs& p) {
+  size_t bytes = 0;
+  with_config(p, [&](auto cfg) {
+    bytes = workspace_of<G<decltype(cfg)>>(p);
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
+cudaError_t fp8_gemm_bias_sm90(const Fp8GemmArgs& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  return with_config(p, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    using E = Evt<typename Cfg::Tile, BF16>;
+    return run<G<Cfg>>(p, y_args<E, BF16>(p), nullptr, p.out, stream);
+  });
+}
+
+}  // namespace lx2v
