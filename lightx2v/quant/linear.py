@@ -31,10 +31,13 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightx2v.errors import LX2VError
 from lightx2v.models.wan.dit import CrossAttention, SelfAttention, WanDiT
+from lightx2v.ops import gemm
+from lightx2v.ops.residual import residual_add_
 from lightx2v.quant.fp8 import (
     FP8_DTYPE,
     quantize_per_token,
@@ -294,6 +297,31 @@ class FP8Linear(QuantLinear):
                              bias=bias, out_dtype=torch.bfloat16,
                              use_fast_accum=self.use_fast_accum)  # fmt: skip
         return y.to(out_dtype)
+
+    # Epilogue fusion (lightx2v/ops/gemm.py): on the scaled_mm backend the GELU of the FFN
+    # up-projection and the gated residual after the attention-output and FFN-down
+    # projections run in the GEMM's epilogue where lightx2v._C_sm90 is built (H100/H200);
+    # elsewhere, and on the other backends, these are the plain module call + the op.
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu_tanh(self(x)), in x's dtype."""
+        if self.backend != "scaled_mm" or self.use_fast_accum is not True:
+            return F.gelu(self(x), approximate="tanh")
+        shape = x.shape
+        xq, xs = per_token_quant_fp8(x.reshape(-1, shape[-1]).contiguous())
+        y = gemm.fp8_linear_gelu(xq, xs, self.weight, self.weight_scale, self.bias)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def forward_residual_(
+        self, res: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """res += gate · self(x) (res the fp32 residual stream [B, L, N], gate [B, N] or
+        None), in place; returns res."""
+        if self.backend != "scaled_mm" or self.use_fast_accum is not True:
+            return residual_add_(res, self(x), gate)
+        xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
+        return gemm.fp8_linear_residual_(
+            res, xq, xs, self.weight, self.weight_scale, self.bias, gate
+        )
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "ref":

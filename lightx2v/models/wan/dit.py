@@ -105,14 +105,18 @@ class SelfAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q(x), self.k(x), self.v(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The attention output before the projection `o`: [B, L, D]."""
         q, k, v = self.project_qkv(x)  # [B, L, D] each (slices of one fused output are fine)
         eps = self.norm_q.eps
         q, k = qk_norm_rope(
             q, k, self.norm_q.weight, self.norm_k.weight, cos, sin, self.num_heads, eps
         )
         out = attention(q, k, v.unflatten(-1, (self.num_heads, -1)))  # [B, L, N, Dh]
-        return self.o(out.flatten(2))
+        return out.flatten(2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.o(self.attend(x, cos, sin))
 
 
 class CrossAttention(nn.Module):
@@ -152,12 +156,16 @@ class CrossAttention(nn.Module):
             kv += (self.norm_k_img(k_img).unflatten(-1, heads), v_img.unflatten(-1, heads))
         return kv
 
-    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        """The attention output before the projection `o`: [B, L, D]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
         out = attention(q, kv[0], kv[1])
         if len(kv) == 4:  # I2V: image tokens attended separately, outputs summed
             out = out + attention(q, kv[2], kv[3])
-        return self.o(out.flatten(2))
+        return out.flatten(2)
+
+    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        return self.o(self.attend(x, kv))
 
 
 class FeedForward(nn.Sequential):
@@ -195,11 +203,23 @@ class WanBlock(nn.Module):
         # x is updated in place (fused gated residual): callers that keep a block's input
         # must copy it first
         h = adaln(x, shift1, scale1, self.eps, dt)
-        x = residual_add_(x, self.self_attn(h, cos, sin), gate1)
+        x = linear_residual_(x, self.self_attn.o, self.self_attn.attend(h, cos, sin), gate1)
         h = affine_layer_norm(x, self.norm3.weight, self.norm3.bias, self.eps, dt)
-        x = residual_add_(x, self.cross_attn(h, cross_kv))
+        x = linear_residual_(x, self.cross_attn.o, self.cross_attn.attend(h, cross_kv))
         h = adaln(x, shift2, scale2, self.eps, dt)
-        return residual_add_(x, self.ffn(h), gate2)
+        up, act, down = self.ffn
+        h = up.forward_gelu(h) if hasattr(up, "forward_gelu") else act(up(h))
+        return linear_residual_(x, down, h, gate2)
+
+
+def linear_residual_(
+    x: torch.Tensor, linear: nn.Module, h: torch.Tensor, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x += gate · linear(h) in place. Quantized linears (FP8Linear) fold the residual into
+    their GEMM's epilogue where they can (lightx2v/ops/gemm.py)."""
+    if hasattr(linear, "forward_residual_"):
+        return linear.forward_residual_(x, h, gate)
+    return residual_add_(x, linear(h), gate)
 
 
 class Head(nn.Module):
