@@ -19,6 +19,8 @@ compiled for another arch list ends up in a wheel.
 
 Environment: PYTHON (default python3) must have a CUDA build of torch, setuptools, wheel
 and pip; nvcc is found as torch finds it (CUDA_HOME, else PATH); ninja makes it faster.
+With nvidia-cutlass installed there too (pip install nvidia-cutlass), a wheel whose arch list
+has 9.0a also carries lightx2v._C_sm90, the Hopper FP8 GEMMs with fused epilogues.
 
 Example, H100/H200:
   TORCH_CUDA_ARCH_LIST=9.0a tools/build_wheels.sh
