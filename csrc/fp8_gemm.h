@@ -1,5 +1,6 @@
 // The FP8 GEMM with fused epilogues (csrc/fp8_gemm_sm90.cuh): its arguments, shared by the
-// kernel file (built for sm_90a only, with CUTLASS) and the op bindings in registry.cpp.
+// kernel files (built for sm_90a only, with CUTLASS) and the op bindings in
+// fp8_gemm_sm90_ops.cpp (the schemas are in registry.cpp).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,10 +30,11 @@ struct Fp8GemmArgs {
   void* out = nullptr;
   int64_t m = 0, n = 0, k = 0;
   Fp8Epilogue epilogue = Fp8Epilogue::kBias;
-  int sm_count = 0;  // SMs of the device (0: the kernel asks the driver)
+  int device = 0;    // CUDA device index of the tensors
+  int sm_count = 0;  // its SMs
   // Kernel configuration (csrc/fp8_gemm_sm90.cuh: 0 ping-pong 128×128, 1 cooperative
-  // 256×128, 2 cooperative 128×256) and tile order: swizzle width (1, 2, 4, 8) and raster
-  // (0 heuristic, 1 along M, 2 along N).
+  // 128×256) and tile order: swizzle width (1, 2, 4, 8) and raster (0 heuristic, 1 along M,
+  // 2 along N).
   int config = 0;
   int swizzle = 1;
   int raster = 0;
@@ -45,8 +47,10 @@ struct Fp8GemmArgs {
 size_t fp8_gemm_bias_sm90_workspace(const Fp8GemmArgs& args);
 size_t fp8_gemm_gelu_sm90_workspace(const Fp8GemmArgs& args);
 size_t fp8_gemm_residual_sm90_workspace(const Fp8GemmArgs& args);
-cudaError_t fp8_gemm_bias_sm90(const Fp8GemmArgs& args, cudaStream_t stream);
-cudaError_t fp8_gemm_gelu_sm90(const Fp8GemmArgs& args, cudaStream_t stream);
-cudaError_t fp8_gemm_residual_sm90(const Fp8GemmArgs& args, cudaStream_t stream);
+// The kernels return nullptr, or what failed (a static string: CUTLASS's status, or the
+// CUDA error of the launch).
+const char* fp8_gemm_bias_sm90(const Fp8GemmArgs& args, cudaStream_t stream);
+const char* fp8_gemm_gelu_sm90(const Fp8GemmArgs& args, cudaStream_t stream);
+const char* fp8_gemm_residual_sm90(const Fp8GemmArgs& args, cudaStream_t stream);
 
 }  // namespace lx2v

@@ -11,16 +11,11 @@ using G = Gemm<Cfg, void, BF16, typename Evt<typename Cfg::Tile, BF16>::GeluTree
 }  // namespace
 
 size_t fp8_gemm_gelu_sm90_workspace(const Fp8GemmArgs& p) {
-  size_t bytes = 0;
-  with_config(p, [&](auto cfg) {
-    bytes = workspace_of<G<decltype(cfg)>>(p);
-    return cudaSuccess;
-  });
-  return bytes;
+  return with_config(p, [&](auto cfg) { return workspace_of<G<decltype(cfg)>>(p); });
 }
 
-cudaError_t fp8_gemm_gelu_sm90(const Fp8GemmArgs& p, cudaStream_t stream) {
-  if (p.m == 0 || p.n == 0) return cudaSuccess;
+const char* fp8_gemm_gelu_sm90(const Fp8GemmArgs& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return nullptr;
   return with_config(p, [&](auto cfg) {
     using Cfg = decltype(cfg);
     using E = Evt<typename Cfg::Tile, BF16>;

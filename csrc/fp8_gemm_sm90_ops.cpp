@@ -9,6 +9,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,6 +22,26 @@
 
 namespace lx2v {
 namespace {
+
+struct DeviceInfo {
+  int major = 0, minor = 0, sms = 0;
+};
+
+// Compute capability and SM count of a device, asked once per device.
+DeviceInfo device_info(int device) {
+  static std::mutex mutex;
+  static std::vector<std::pair<int, DeviceInfo>> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [d, info] : known) {
+    if (d == device) return info;
+  }
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
+  known.emplace_back(device, info);
+  return info;
+}
 
 // One fp32 vector of n values, unit stride ([n] or [n, 1]), on x's device.
 const float* f32_vector(const at::Tensor& t, const at::Tensor& x, int64_t n, const char* what) {
@@ -39,10 +62,8 @@ Fp8GemmArgs check_operands(const at::Tensor& a, const at::Tensor& a_scale, const
                            const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.is_cuda(), "lx2v_C: a must be a CUDA tensor, got ", where(a.device()));
   const int device = a.device().index();
-  int major = 0, minor = 0, sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const DeviceInfo info = device_info(device);
+  const int major = info.major, minor = info.minor, sms = info.sms;
   TORCH_CHECK(major == 9 && minor == 0, "lx2v_C: the FP8 GEMM kernels are built for sm_90a "
               "(H100/H200) only; this GPU has compute capability ", num(major), ".", num(minor));
   for (const auto* t : {&a, &b}) {
@@ -76,6 +97,7 @@ Fp8GemmArgs check_operands(const at::Tensor& a, const at::Tensor& a_scale, const
   args.m = M;
   args.n = N;
   args.k = K;
+  args.device = device;
   args.sm_count = sms;
   return args;
 }
@@ -83,7 +105,8 @@ Fp8GemmArgs check_operands(const at::Tensor& a, const at::Tensor& a_scale, const
 // The kernel configuration and tile order: the defaults measured best at Wan's shapes, or
 // LX2V_FP8_GEMM_TUNE="config,swizzle,raster" (tools/bench_gemm_epilogue.py --tune).
 // Measured on an H200 at M = 32760 (tools/bench_gemm_epilogue.py --tune, 2026-11-27): for
-// K = 13824 the cooperative 128×256 tile with column-major raster wins (down projection);
+// K = 13824 the cooperative 128×256 tile (config 1) with raster along N wins (the down
+// projection);
 // for K = 5120 ping-pong 128×128, with a wider swizzle for the epilogues that read or
 // compute more (GELU 4, residual 8).
 void choose_config(Fp8GemmArgs& args) {
@@ -95,30 +118,30 @@ void choose_config(Fp8GemmArgs& args) {
   };
   switch (args.epilogue) {
     case Fp8Epilogue::kBias:
-      long_k ? use(2, 4, 2) : use(0, 1, 0);
+      long_k ? use(1, 4, 2) : use(0, 1, 0);
       break;
     case Fp8Epilogue::kGelu:
-      long_k ? use(2, 4, 2) : use(0, 4, 0);
+      long_k ? use(1, 4, 2) : use(0, 4, 0);
       break;
     case Fp8Epilogue::kResidual:
-      long_k ? use(2, 2, 2) : use(0, 8, 0);
+      long_k ? use(1, 2, 2) : use(0, 8, 0);
       break;
   }
   const char* tune = std::getenv("LX2V_FP8_GEMM_TUNE");
   if (tune == nullptr || *tune == '\0') return;
   int config = -1, swizzle = -1, raster = -1;
   const bool ok = std::sscanf(tune, "%d,%d,%d", &config, &swizzle, &raster) == 3 &&
-                  config >= 0 && config <= 2 && raster >= 0 && raster <= 2 &&
+                  config >= 0 && config <= 1 && raster >= 0 && raster <= 2 &&
                   (swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8);
   TORCH_CHECK(ok, "lx2v_C: LX2V_FP8_GEMM_TUNE=", tune, " is not \"config,swizzle,raster\" "
-              "with config 0-2, swizzle 1/2/4/8 and raster 0-2");
+              "with config 0-1, swizzle 1/2/4/8 and raster 0-2");
   use(config, swizzle, raster);
 }
 
 void launch(Fp8GemmArgs& args, const at::Tensor& like) {
   choose_config(args);
   size_t (*workspace_bytes)(const Fp8GemmArgs&) = nullptr;
-  cudaError_t (*kernel)(const Fp8GemmArgs&, cudaStream_t) = nullptr;
+  const char* (*kernel)(const Fp8GemmArgs&, cudaStream_t) = nullptr;
   switch (args.epilogue) {
     case Fp8Epilogue::kBias:
       workspace_bytes = fp8_gemm_bias_sm90_workspace;
@@ -140,15 +163,18 @@ void launch(Fp8GemmArgs& args, const at::Tensor& like) {
     args.workspace = workspace.data_ptr();
     args.workspace_bytes = bytes;
   }
-  C10_CUDA_CHECK(kernel(args, c10::cuda::getCurrentCUDAStream()));
+  const char* failed = kernel(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(failed == nullptr, "lx2v_C: FP8 GEMM [", num(args.m), ", ", num(args.k), "] x [",
+              num(args.k), ", ", num(args.n), "] (kernel config ", num(args.config), ") failed: ",
+              failed);
 }
 
 // out [M, N] bf16 = y (kBias) or gelu_tanh(y) (kGelu).
 void gemm_bf16_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& a_scale,
                    const at::Tensor& b, const at::Tensor& b_scale,
                    const c10::optional<at::Tensor>& bias, Fp8Epilogue epilogue) {
-  const c10::cuda::CUDAGuard guard(a.device());
   Fp8GemmArgs args = check_operands(a, a_scale, b, b_scale, bias);
+  const c10::cuda::CUDAGuard guard(a.device());
   check_device(out, a, "out");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.dim() == 2 && out.size(0) == args.m &&
                   out.size(1) == args.n && out.is_contiguous() && aligned16(out.data_ptr()),
@@ -179,8 +205,8 @@ void fp8_gemm_residual_cuda(at::Tensor& res, const at::Tensor& a, const at::Tens
                             const at::Tensor& b, const at::Tensor& b_scale,
                             const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& gate) {
-  const c10::cuda::CUDAGuard guard(a.device());
   Fp8GemmArgs args = check_operands(a, a_scale, b, b_scale, bias);
+  const c10::cuda::CUDAGuard guard(a.device());
   check_device(res, a, "res");
   TORCH_CHECK(res.scalar_type() == at::kFloat && res.dim() == 3 && res.is_contiguous() &&
                   aligned16(res.data_ptr()),

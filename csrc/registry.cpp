@@ -208,7 +208,7 @@ TORCH_LIBRARY(lx2v_C, m) {
   m.def(
       "adaln_fp8(Tensor(a!) out, Tensor(b!) out_scale, Tensor x, Tensor shift, Tensor scale, "
       "float eps) -> ()");
-  // fp8_gemm_sm90.cu: y = (a · a_scale) @ (b · b_scale)ᵀ + bias with a fused epilogue. Their
+  // fp8_gemm_*_sm90.cu: y = (a · a_scale) @ (b · b_scale)ᵀ + bias with a fused epilogue. Their
   // CUDA kernels are in lightx2v._C_sm90 (built for sm_90a only, with CUTLASS), which
   // registers them when imported; without it these ops have no CUDA kernel.
   m.def(

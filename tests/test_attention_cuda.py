@@ -126,10 +126,10 @@ def test_auto_backend_self_check():
     assert report["checks"]["lx2v-int8"].startswith("passed")
 
 
-@pytest.mark.parametrize("shape", [(2, 4097, 4097, 2, 0.0), (2, 4096, 512, 3, 0.0), (1, 77, 77, 2, 0.0)],
+@pytest.mark.parametrize("shape", [(2, 4097, 4097, 2), (2, 4096, 512, 3), (1, 77, 77, 2)],
                          ids=lambda s: "x".join(map(str, s)))  # fmt: skip
 def test_fa4_backend_eager_and_compiled(shape):
-    """flash-attn-4 through our custom op: exact to bf16 (the gate of sdpa, 2x its error)
+    """flash-attn-4 through our custom op: at most 2x sdpa's error against exact attention,
     eager and inside torch.compile(fullgraph=True). Skipped where flash-attn-4 is missing."""
     import importlib.util
 
@@ -137,12 +137,10 @@ def test_fa4_backend_eager_and_compiled(shape):
         pytest.skip("flash-attn-4 is not installed")
     try:
         fa4 = A._load_fa4()
-    except (ImportError, RuntimeError) as e:
-        pytest.skip(f"flash-attn-4 does not load here: {e}")
-    B, Lq, Lk, H, off = shape
-    q, k, v = qkv(B, Lq, Lk, H, seed=11, k_offset=off)
-    q = q[:, :Lq]
-    k, v = k[:, :Lk], v[:, :Lk]
+    except ImportError as e:  # flash_attn without the cute (v4) kernels
+        pytest.skip(f"flash-attn-4 is not installed ({e})")
+    B, Lq, Lk, H = shape
+    q, k, v = qkv(B, Lq, Lk, H, seed=11)
     ref = ref_chunked(q, k, v)
     err = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
     bound = 2 * err(A.attention_sdpa(q, k, v))

@@ -103,6 +103,7 @@ def test_fp8linear_fused_methods_fall_back_to_module_and_op():
 # loaded): which op is called with what, and that it compiles with fullgraph=True
 
 _standin_lib = None
+CALLS: list[str] = []  # the stand-in ops that ran
 
 
 @pytest.fixture
@@ -118,12 +119,15 @@ def standin_ops(monkeypatch):
                    "Tensor b_scale, Tensor? bias, Tensor? gate) -> ()")  # fmt: skip
 
         def plain(out, a, sa, b, sb, bias):
+            CALLS.append("fp8_gemm")
             out.copy_(gemm.fp8_linear_ref(a, sa, b, sb, bias))
 
         def gelu(out, a, sa, b, sb, bias):
+            CALLS.append("fp8_gemm_gelu")
             out.copy_(gemm.fp8_linear_gelu_ref(a, sa, b, sb, bias))
 
         def residual(res, a, sa, b, sb, bias, gate):
+            CALLS.append("fp8_gemm_residual")
             gemm.fp8_linear_residual_ref_(res, a, sa, b, sb, bias, gate)
 
         lib.impl("fp8_gemm", plain, "CPU")
@@ -135,6 +139,7 @@ def standin_ops(monkeypatch):
     elif _standin_lib is None:
         pytest.skip("lightx2v._C is loaded: tests/test_gemm_cuda.py covers the real ops")
     monkeypatch.setattr(gemm, "epilogue_backend", lambda device=None: ("cuda", "stand-in"))
+    CALLS.clear()
 
 
 def test_wrappers_call_the_ops(standin_ops):
@@ -149,6 +154,7 @@ def test_wrappers_call_the_ops(standin_ops):
 
     eager_res = res.clone()
     h, y = f(eager_res, a, sa, w, sw, b, gate)
+    assert CALLS == ["fp8_gemm_gelu", "fp8_gemm", "fp8_gemm_residual"]
     torch.testing.assert_close(h, gemm.fp8_linear_gelu_ref(a, sa, w, sw, b))
     torch.testing.assert_close(y, gemm.fp8_linear_ref(a, sa, w, sw, b))
     torch.testing.assert_close(
@@ -158,6 +164,7 @@ def test_wrappers_call_the_ops(standin_ops):
     hc, yc = torch.compile(f, fullgraph=True)(compiled_res, a, sa, w, sw, b, gate)
     torch.testing.assert_close(hc, h, rtol=0, atol=0)
     torch.testing.assert_close(compiled_res, eager_res, rtol=0, atol=0)
+    assert CALLS[3:] == ["fp8_gemm_gelu", "fp8_gemm", "fp8_gemm_residual"]  # in the graph
 
 
 def test_odd_shapes_do_not_reach_the_ops(standin_ops, monkeypatch):
@@ -166,4 +173,22 @@ def test_odd_shapes_do_not_reach_the_ops(standin_ops, monkeypatch):
     a, sa, w, sw, b = operands(k=64, n=44)  # N=44: bf16 rows are not 16-byte multiples
     out = gemm.fp8_linear(a, sa, w, sw, b)
     torch.testing.assert_close(out, gemm.fp8_linear_ref(a, sa, w, sw, b))
-    assert called == ["unfused"]
+    assert called == ["unfused"] and CALLS == []
+
+
+def test_kernel_backend_ref_turns_the_fused_gemms_off():
+    from lightx2v.ops import dispatch
+
+    try:
+        dispatch.set_kernel_backend("ref")
+        assert gemm.epilogue_backend("cuda:0")[0] == "unfused"  # answered without probing
+    finally:
+        dispatch.set_kernel_backend()
+
+
+def test_residual_wrapper_rejects_mismatched_shapes():
+    a, sa, w, sw, b = operands(m=24, n=48)
+    with pytest.raises(ValueError, match="does not hold"):
+        gemm.fp8_linear_residual_(torch.zeros(2, 10, 48), a, sa, w, sw, b)
+    with pytest.raises(ValueError, match="gate"):
+        gemm.fp8_linear_residual_(torch.zeros(2, 12, 48), a, sa, w, sw, b, torch.zeros(3, 48))

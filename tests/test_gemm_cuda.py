@@ -119,7 +119,7 @@ def test_gelu_epilogue_on_exact_products():
     assert (out.double()[~normal].abs() <= 2.0**-126).all()
 
 
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", [*SHAPES, (300, 1552, 1540)])  # N % 16 != 0: fp32 rows
 @pytest.mark.parametrize("gated", [True, False])
 def test_gemm_residual(m, k, n, gated):
     batch = 2 if m % 2 == 0 else 1
@@ -131,21 +131,30 @@ def test_gemm_residual(m, k, n, gated):
     C.fp8_gemm_residual(res, a, sa.reshape(-1), w, sw, b, gate)
     y64 = product64(a, sa, w, sw, b).view(res.shape)
     inc64 = y64 * (gate.double()[:, None] if gated else 1.0)
-    chain = res0.clone()
-    y = scaled_mm(a, sa, w, sw, b).view(res.shape).float()
-    chain.add_(y * gate[:, None] if gated else y)
+    # the torch chain; _scaled_mm needs N % 16 == 0, so it runs on zero-padded weight rows
+    pad = -n % 16
+    wp = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
+    sp = torch.cat([sw, sw.new_ones(pad)]) if pad else sw
+    bp = torch.cat([b, b.new_zeros(pad)]) if pad else b
+    y = scaled_mm(a, sa, wp, sp, bp)[:, :n].reshape(res.shape).float()
+    chain = res0 + (y * gate[:, None] if gated else y)
     err, err_torch = rel_l2(res - res0, inc64), rel_l2(chain - res0, inc64)
     assert not res.isnan().any()
     assert err <= 2 * err_torch, (err, err_torch)
 
 
-def test_wrappers_fall_back_on_odd_n():
+def test_wrappers_fall_back_on_odd_n(monkeypatch):
+    calls = []
+    op = C.fp8_gemm
+    monkeypatch.setattr(C, "fp8_gemm", lambda *args: calls.append(1) or op(*args))
     a, sa, w, sw, b = operands(64, 256, 200)  # N=200: a multiple of 8, fused
     ref = gemm.fp8_linear_ref(a, sa, w, sw, b)
     assert rel_l2(gemm.fp8_linear(a, sa, w, sw, b), ref) < 1e-2
+    assert calls == [1]
     a, sa, w, sw, b = operands(64, 256, 132)  # N=132: bf16 rows not 16-byte multiples
     out = gemm.fp8_linear(a, sa, w, sw, b)  # neither kernel takes it: the reference
     assert rel_l2(out, gemm.fp8_linear_ref(a, sa, w, sw, b)) < 1e-2
+    assert calls == [1]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -201,8 +210,9 @@ def test_compiled_equals_eager():
 
 
 def test_fp8_block_fused_matches_unfused(monkeypatch):
-    """A quantized 1.3B-shaped block: the fused epilogues differ from the unfused chain by
-    less than twice the chain's own distance from the fp32 block."""
+    """A quantized 1.3B-shaped block runs its FFN GELU and its three residual updates in the
+    fused kernels (counted), and differs from the unfused chain by less than twice the chain's own
+    distance from the fp32 block."""
     import copy
 
     from lightx2v.config import WanArch
@@ -222,11 +232,20 @@ def test_fp8_block_fused_matches_unfused(monkeypatch):
     ang = torch.rand(L, 1, arch.dim // arch.num_heads // 2, device=DEV) * 3
     cos, sin = ang.cos(), ang.sin()
     ctx = torch.randn(2, 77, arch.dim, device=DEV)
+    calls = []
+    for name in ("fp8_gemm_gelu", "fp8_gemm_residual"):
+        op = getattr(C, name)
+        monkeypatch.setattr(
+            C, name, lambda *args, op=op, name=name: calls.append(name) or op(*args)
+        )
     with torch.no_grad():
         ref = block32(x.clone(), e, cos, sin, block32.cross_attn.kv(ctx, None))
         kv = block.cross_attn.kv(ctx.to(torch.bfloat16), None)
         fused = block(x.clone(), e, cos, sin, kv)
+        # FFN up; attention output (gate 1), cross-attention output (no gate), FFN down (gate 2)
+        assert sorted(calls) == ["fp8_gemm_gelu"] + ["fp8_gemm_residual"] * 3, calls
         monkeypatch.setattr(gemm, "epilogue_backend", lambda device=None: ("unfused", "test"))
         unfused = block(x.clone(), e, cos, sin, kv)
+        assert len(calls) == 4  # the unfused run used none of them
     d = lambda t: t - x  # noqa: E731  (the block's update of the residual stream)
     assert rel_l2(d(fused), d(unfused)) < 2 * rel_l2(d(unfused), d(ref))

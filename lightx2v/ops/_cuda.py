@@ -2,7 +2,8 @@
 that the CUDA implementations of the `lx2v` custom ops make when the cuda backend is active.
 
 Importing this module imports lightx2v._C, whose library registers torch.ops.lx2v_C.*;
-lightx2v.ops.dispatch imports it (through `dispatch.csrc()`) only where a CUDA device is.
+lightx2v.ops.dispatch (through `dispatch.csrc()`) and lightx2v.ops.gemm import it only where
+a CUDA device is.
 
     torch.ops.lx2v_C.rms_norm(out, x, weight, eps)
     torch.ops.lx2v_C.qk_norm_rope(q_out, k_out, q, k, weight_q, weight_k, cos, sin, eps)

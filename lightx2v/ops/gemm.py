@@ -14,7 +14,7 @@ torch._scaled_mm takes it). res is the fp32 residual stream [B, L, N] with M = B
 [B, N] fp32 (one vector per batch row) or None.
 
 Backends, chosen per call:
-- "cuda": the CUTLASS kernels of csrc/fp8_gemm_sm90.cu in lightx2v._C_sm90 (torch.ops.lx2v_C
+- "cuda": the CUTLASS kernels of csrc/fp8_gemm_*_sm90.cu in lightx2v._C_sm90 (torch.ops.lx2v_C
   .fp8_gemm*), on compute capability 9.0 (H100/H200) when that extension is built. The
   epilogue works on the fp32 accumulator: y is not rounded to bf16 before GELU or before it
   enters the residual (the unfused chain rounds it), so the fused ops are the more accurate.
@@ -100,7 +100,7 @@ def _sm90_module_status() -> tuple[bool, str]:
     return True, "lightx2v._C_sm90 (CUTLASS, sm_90a)"
 
 
-_STATUS: dict[int, tuple[str, str]] = {}  # device index → (backend, why), probed eagerly
+_STATUS: dict[int, tuple[str, str]] = {}  # device index → (backend, why)
 
 
 def _probe(device_index: int) -> tuple[str, str]:
@@ -116,16 +116,13 @@ def _probe(device_index: int) -> tuple[str, str]:
     return "cuda", f"{why} on {name}"
 
 
-def probe_devices() -> None:
-    """Probe every visible GPU once (at import: torch.compile must only read the answers)."""
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if i not in _STATUS:
-                _STATUS[i] = _probe(i)
-
-
 def epilogue_backend(device: torch.device | str | None = None) -> tuple[str, str]:
-    """("cuda" | "unfused" | "ref", why) for FP8 GEMMs on `device` (default: current)."""
+    """("cuda" | "unfused" | "ref", why) for FP8 GEMMs on `device` (default: current).
+
+    A device is probed (compute capability, lightx2v._C_sm90 loads) at its first eager call;
+    quantize_dit asks for the model's device, so compiled graphs only read the answer. A
+    device first seen inside a compiled region runs unfused there.
+    """
     if device is None:
         if not torch.cuda.is_available():
             return "ref", "no CUDA device"
@@ -133,14 +130,15 @@ def epilogue_backend(device: torch.device | str | None = None) -> tuple[str, str
     device = torch.device(device)
     if device.type != "cuda":
         return "ref", f"{device.type} device"
+    requested = dispatch.requested_backend()
+    if requested in ("ref", "triton"):
+        return "unfused", f"kernel backend {requested!r} requested (the fused GEMMs are CUDA)"
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _STATUS:
+        if torch.compiler.is_compiling():
+            return "unfused", "device not probed before compilation"
         _STATUS[index] = _probe(index)
-    backend, why = _STATUS[index]
-    requested = dispatch.requested_backend()
-    if backend == "cuda" and requested in ("ref", "triton"):
-        return "unfused", f"kernel backend {requested!r} requested (the fused GEMMs are CUDA)"
-    return backend, why
+    return _STATUS[index]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -223,8 +221,17 @@ def fp8_linear_residual_(res, a, a_scale, w, w_scale, bias=None, gate=None) -> t
     """res [B, L, N] fp32 += gate · y (gate [B, N], [B, 1, N], [1, N] or None); returns res."""
     from lightx2v.ops.residual import residual_add_
 
+    if res.dim() != 3 or res.shape[0] * res.shape[1] != a.shape[0] or res.shape[2] != w.shape[0]:
+        raise ValueError(
+            f"fp8_linear_residual_: res {tuple(res.shape)} does not hold the "
+            f"[{a.shape[0]}, {w.shape[0]}] product of a {tuple(a.shape)} and w {tuple(w.shape)}"
+        )
     B, L, N = res.shape
     if gate is not None:
+        if gate.shape[-1] != N or gate.numel() not in (N, B * N):
+            raise ValueError(
+                f"fp8_linear_residual_: gate {tuple(gate.shape)} does not fit res {tuple(res.shape)}"
+            )
         gate = gate.reshape(-1, N).expand(B, N).float()
     backend = epilogue_backend(a.device)[0]
     if (
@@ -244,6 +251,3 @@ def fp8_linear_residual_(res, a, a_scale, w, w_scale, bias=None, gate=None) -> t
         y = _scaled_mm(a, a_scale, w, w_scale, bias).view(B, L, N)
         return residual_add_(res, y, gate)
     return fp8_linear_residual_ref_(res, a, a_scale, w, w_scale, bias, gate)
-
-
-probe_devices()

@@ -454,6 +454,8 @@ def quantize_dit(
         device = next(model.parameters()).device
     qcls = QUANT_LINEAR.get(scheme)
     chosen = select_backend(scheme, device, backend) if qcls is not None else None
+    if chosen == "scaled_mm":
+        gemm.epilogue_backend(device)  # probe the fused GEMM epilogues here, outside compile
     keep = set(keep_blocks)
     for i, block in enumerate(model.blocks):
         new = {}
