@@ -187,16 +187,21 @@ def _scaled_mm(a, a_scale, w, w_scale, bias) -> torch.Tensor:
 # the ops
 
 
+def _bf16_out(op: str, a, a_scale, w, w_scale, bias) -> torch.Tensor:
+    """torch.ops.lx2v_C.<op> (fp8_gemm or fp8_gemm_gelu) into a new bf16 [M, N]."""
+    out = torch.empty(a.shape[0], w.shape[0], dtype=torch.bfloat16, device=a.device)
+    getattr(torch.ops.lx2v_C, op)(
+        out, a, _vec(a_scale, torch.float32), w, _vec(w_scale, torch.float32),
+        _vec(bias, torch.bfloat16),
+    )  # fmt: skip
+    return out
+
+
 def fp8_linear(a, a_scale, w, w_scale, bias=None) -> torch.Tensor:
     """y = (a·a_scale) @ (w·w_scale)ᵀ + bias → bf16 [M, N]."""
     backend = epilogue_backend(a.device)[0]
     if backend == "cuda" and _fits(a, w, 8):
-        out = torch.empty(a.shape[0], w.shape[0], dtype=torch.bfloat16, device=a.device)
-        torch.ops.lx2v_C.fp8_gemm(
-            out, a, _vec(a_scale, torch.float32), w, _vec(w_scale, torch.float32),
-            _vec(bias, torch.bfloat16),
-        )  # fmt: skip
-        return out
+        return _bf16_out("fp8_gemm", a, a_scale, w, w_scale, bias)
     if _unfused(backend, a, w):
         return _scaled_mm(a, a_scale, w, w_scale, bias)
     return fp8_linear_ref(a, a_scale, w, w_scale, bias)
@@ -206,12 +211,7 @@ def fp8_linear_gelu(a, a_scale, w, w_scale, bias=None) -> torch.Tensor:
     """gelu_tanh((a·a_scale) @ (w·w_scale)ᵀ + bias) → bf16 [M, N] (the FFN up-projection)."""
     backend = epilogue_backend(a.device)[0]
     if backend == "cuda" and _fits(a, w, 8):
-        out = torch.empty(a.shape[0], w.shape[0], dtype=torch.bfloat16, device=a.device)
-        torch.ops.lx2v_C.fp8_gemm_gelu(
-            out, a, _vec(a_scale, torch.float32), w, _vec(w_scale, torch.float32),
-            _vec(bias, torch.bfloat16),
-        )  # fmt: skip
-        return out
+        return _bf16_out("fp8_gemm_gelu", a, a_scale, w, w_scale, bias)
     if _unfused(backend, a, w):
         return F.gelu(_scaled_mm(a, a_scale, w, w_scale, bias), approximate="tanh")
     return fp8_linear_gelu_ref(a, a_scale, w, w_scale, bias)
