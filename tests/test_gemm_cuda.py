@@ -58,8 +58,7 @@ def product64(a, sa, w, sw, bias):
     return y if bias is None else y + bias.double()
 
 
-def scaled_mm(a, sa, w, sw, bias):
-    return gemm._scaled_mm(a, sa, w, sw, bias)
+scaled_mm = gemm.scaled_mm
 
 
 SHAPES = [  # (M, K, N): odd token counts, Wan's dims, K and N off the tile grid

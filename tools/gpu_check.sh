@@ -8,8 +8,7 @@
 #   tools/gpu_check.sh csrc       build + the csrc GPU tests (a test that crashes is named)
 #   tools/gpu_check.sh final      build + csrc, GEMM and fused-op GPU tests; csrc, GEMM and
 #                                 one-block benchmarks; `lx2v run --preset fp8`
-#   tools/gpu_check.sh gemm       build (with lightx2v._C_sm90: needs nvidia-cutlass) + the
-#                                 FP8 GEMM epilogue tests and benchmark, one-block benchmark
+#                                 (GEMM_TUNE=1: the GEMM config sweep first)
 #   tools/gpu_check.sh attention  the attention benchmark with the kernel sweep and case (c)
 #   tools/gpu_check.sh wheel      a wheel for 9.0a, installed in a fresh venv and imported
 #   tools/gpu_check.sh e2e        `lx2v run` on the embedded default with every preset,
@@ -46,17 +45,9 @@ final)
     step test_gemm 300 python3 -m pytest -q -m cuda tests/test_gemm_cuda.py -rs
     step test_kernels 300 python3 -m pytest -q -m cuda tests/test_kernels_cuda.py -rs
     step bench_csrc 120 python3 tools/bench_csrc.py --out "$OUT/csrc.json"
-    step bench_gemm 400 python3 tools/bench_gemm_epilogue.py --rep 200 --json "$OUT/gemm.json"
+    step bench_gemm 400 python3 tools/bench_gemm_epilogue.py --rep 200 ${GEMM_TUNE:+--tune} --json "$OUT/gemm.json"
     step bench_block 240 python3 tools/bench_block.py --json "$OUT/block.json"
     step run_fp8 300 python3 -m lightx2v.cli run --preset fp8 --output "$OUT/fp8.mp4"
-    ;;
-gemm)
-    build
-    step info 60 python3 -m lightx2v.cli info
-    step test_gemm 300 python3 -m pytest -q -m cuda tests/test_gemm_cuda.py -rs -x
-    step bench_gemm 400 python3 tools/bench_gemm_epilogue.py --rep 100 ${GEMM_TUNE:+--tune} --json "$OUT/gemm.json"
-    step test_csrc 240 python3 -m pytest -q -m cuda tests/test_csrc_cuda.py -rs
-    step bench_block 240 python3 tools/bench_block.py --json "$OUT/block.json"
     ;;
 kernels)
     build

@@ -174,12 +174,14 @@ def _vec(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).to(dtype).contiguous()
 
 
-def _scaled_mm(a, a_scale, w, w_scale, bias) -> torch.Tensor:
-    """The unfused GEMM: bf16 y, as FP8Linear computes it (use_fast_accum=True)."""
+def scaled_mm(a, a_scale, w, w_scale, bias=None, use_fast_accum=True) -> torch.Tensor:
+    """torch._scaled_mm with rowwise scales → bf16 y [M, N]: FP8Linear's GEMM and the unfused
+    path here. w [N, K] row-major is passed as its [K, N] column-major view (no copy), the
+    scales as [M, 1] and [1, N] fp32, the bias as bf16 [N] (added in the fp32 epilogue)."""
     return torch._scaled_mm(
         a, w.t(), scale_a=a_scale.float().reshape(-1, 1).contiguous(),
         scale_b=w_scale.float().reshape(1, -1).contiguous(), bias=_vec(bias, torch.bfloat16),
-        out_dtype=torch.bfloat16, use_fast_accum=True,
+        out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum,
     )  # fmt: skip
 
 
@@ -203,7 +205,7 @@ def fp8_linear(a, a_scale, w, w_scale, bias=None) -> torch.Tensor:
     if backend == "cuda" and _fits(a, w, 8):
         return _bf16_out("fp8_gemm", a, a_scale, w, w_scale, bias)
     if _unfused(backend, a, w):
-        return _scaled_mm(a, a_scale, w, w_scale, bias)
+        return scaled_mm(a, a_scale, w, w_scale, bias)
     return fp8_linear_ref(a, a_scale, w, w_scale, bias)
 
 
@@ -213,7 +215,7 @@ def fp8_linear_gelu(a, a_scale, w, w_scale, bias=None) -> torch.Tensor:
     if backend == "cuda" and _fits(a, w, 8):
         return _bf16_out("fp8_gemm_gelu", a, a_scale, w, w_scale, bias)
     if _unfused(backend, a, w):
-        return F.gelu(_scaled_mm(a, a_scale, w, w_scale, bias), approximate="tanh")
+        return F.gelu(scaled_mm(a, a_scale, w, w_scale, bias), approximate="tanh")
     return fp8_linear_gelu_ref(a, a_scale, w, w_scale, bias)
 
 
@@ -248,6 +250,6 @@ def fp8_linear_residual_(res, a, a_scale, w, w_scale, bias=None, gate=None) -> t
         )  # fmt: skip
         return res
     if _unfused(backend, a, w):
-        y = _scaled_mm(a, a_scale, w, w_scale, bias).view(B, L, N)
+        y = scaled_mm(a, a_scale, w, w_scale, bias).view(B, L, N)
         return residual_add_(res, y, gate)
     return fp8_linear_residual_ref_(res, a, a_scale, w, w_scale, bias, gate)

@@ -292,31 +292,31 @@ class FP8Linear(QuantLinear):
             xf = xq.float() * xs
             y = xf @ (self.weight.float() * self.weight_scale[:, None]).t()
             return (y if self.bias is None else y + self.bias.float()).to(out_dtype)
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
-                             bias=bias, out_dtype=torch.bfloat16,
-                             use_fast_accum=self.use_fast_accum)  # fmt: skip
+        y = gemm.scaled_mm(xq, xs, self.weight, self.weight_scale, self.bias,
+                           use_fast_accum=self.use_fast_accum)  # fmt: skip
         return y.to(out_dtype)
 
     # Epilogue fusion (lightx2v/ops/gemm.py): on the scaled_mm backend the GELU of the FFN
     # up-projection and the gated residual after the attention-output and FFN-down
     # projections run in the GEMM's epilogue where lightx2v._C_sm90 is built (H100/H200);
     # elsewhere, and on the other backends, these are the plain module call + the op.
+    def _fuses_epilogues(self) -> bool:
+        return self.backend == "scaled_mm" and self.use_fast_accum is True
+
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """gelu_tanh(self(x)), in x's dtype."""
-        if self.backend != "scaled_mm" or self.use_fast_accum is not True:
+        if not self._fuses_epilogues():
             return F.gelu(self(x), approximate="tanh")
-        shape = x.shape
-        xq, xs = per_token_quant_fp8(x.reshape(-1, shape[-1]).contiguous())
+        xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
         y = gemm.fp8_linear_gelu(xq, xs, self.weight, self.weight_scale, self.bias)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward_residual_(
         self, res: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None
     ) -> torch.Tensor:
         """res += gate · self(x) (res the fp32 residual stream [B, L, N], gate [B, N] or
         None), in place; returns res."""
-        if self.backend != "scaled_mm" or self.use_fast_accum is not True:
+        if not self._fuses_epilogues():
             return residual_add_(res, self(x), gate)
         xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
         return gemm.fp8_linear_residual_(
@@ -329,15 +329,8 @@ class FP8Linear(QuantLinear):
         xq, xs = per_token_quant_fp8(x2.contiguous())
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         if self.backend == "scaled_mm":
-            return torch._scaled_mm(
-                xq,
-                self.weight.t(),  # [K, N] column-major view
-                scale_a=xs,  # [M, 1]
-                scale_b=self.weight_scale.view(1, -1),  # [1, N]
-                bias=bias,
-                out_dtype=torch.bfloat16,
-                use_fast_accum=self.use_fast_accum,
-            )
+            return gemm.scaled_mm(xq, xs, self.weight, self.weight_scale, self.bias,
+                                  use_fast_accum=self.use_fast_accum)  # fmt: skip
         if self.backend == "sgl":
             return _sgl_fp8_mm()(xq, self.weight.t(), xs, self.weight_scale, torch.bfloat16, bias)
         raise LX2VError(f"unknown fp8 linear backend {self.backend!r}")
