@@ -134,10 +134,25 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict
                 res["cfg_rel_l2"] = rel_l2(v, v_ref)
             report["results"].append(res)
             dist.barrier()
-        dist.destroy_process_group()
     except Exception:
         report["error"] = traceback.format_exc()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    finish(out_dir, rank, report)
+
+
+def finish(out_dir: str, rank: int, report: dict) -> None:
+    """Write this rank's report (temp file, then rename), then end the process the way a
+    rank of `lx2v run` ends: exit_rank (barrier, leave the group, os._exit) after success,
+    os._exit(1) at once after a failure (a peer may never reach the barrier)."""
+    from lightx2v.runtime.parallel import exit_rank
+
+    tmp = Path(out_dir, f".rank{rank}.json.tmp")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, Path(out_dir, f"rank{rank}.json"))
+    if report["error"] is None:
+        exit_rank(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def free_port() -> int:
@@ -146,11 +161,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, scenarios: list[dict], tmp_path: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), scenarios), nprocs=world)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+def run_ranks(worker, world: int, out_dir: Path, *args) -> list[dict]:
+    """Start `world` processes of worker(rank, world, port, out_dir, *args) and return their
+    reports. A rank's own error is shown first; a rank that died without one (signal, or
+    exit status ≠ 0) fails the test, saying whether it had written its report."""
+    died = None
+    try:
+        mp.spawn(worker, args=(world, free_port(), str(out_dir), *args), nprocs=world)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        died = e
+    files = [out_dir / f"rank{r}.json" for r in range(world)]
+    reports = [json.loads(f.read_text()) for f in files if f.exists()]
     for rep in reports:
         assert rep["error"] is None, f"rank {rep['rank']}:\n{rep['error']}"
+    if died is not None:
+        when = "after writing" if files[died.error_index].exists() else "before writing"
+        raise AssertionError(f"rank {died.error_index} {when} its report: {died}")
+    assert len(reports) == world
+    return reports
+
+
+def spawn(world: int, scenarios: list[dict], tmp_path: Path) -> list[dict]:
+    reports = run_ranks(_worker, world, tmp_path, scenarios)
+    for rep in reports:
         assert rep["env"] == NVLS_OFF_ENV
     return reports
 
@@ -365,7 +398,7 @@ def _pipeline_worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) 
         torch.save({"latents": res.latents, "video": res.video}, Path(out_dir, f"pipe{rank}.pt"))
     except Exception:
         report["error"] = traceback.format_exc()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    finish(out_dir, rank, report)
 
 
 def test_vae_bands_and_pipeline_on_two_ranks(tmp_path, tiny_ckpts):
@@ -376,10 +409,7 @@ def test_vae_bands_and_pipeline_on_two_ranks(tmp_path, tiny_ckpts):
     from lightx2v.runtime.parallel import banded_vae_decode
 
     ckpt = tiny_ckpts["i2v", "official"]
-    mp.spawn(_pipeline_worker, args=(2, free_port(), str(tmp_path), str(ckpt)), nprocs=2)
-    for r in range(2):
-        rep = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert rep["error"] is None, rep["error"]
+    run_ranks(_pipeline_worker, 2, tmp_path, str(ckpt))
     # VAE: the gathered bands equal the one-process banded decode and the undivided one
     vae = WanVAE(_tiny_model(0), WAN21_LATENTS_MEAN, WAN21_LATENTS_STD)
     lat = torch.randn(1, 16, 2, 24, 8, generator=torch.Generator().manual_seed(3))

@@ -162,7 +162,13 @@ def main() -> int:
     a = p.parse_args()
 
     from lightx2v.ops.attention import set_attention_backend
-    from lightx2v.runtime.parallel import ParallelConfig, init_distributed, make_groups, make_runner
+    from lightx2v.runtime.parallel import (
+        ParallelConfig,
+        exit_rank,
+        init_distributed,
+        make_groups,
+        make_runner,
+    )
     from lightx2v.runtime.runner import DiTRunner, compile_blocks
 
     if not cuda() and a.arch != "tiny":
@@ -303,9 +309,7 @@ def main() -> int:
             print(f"skipped: {s}")
         write_json()
         print(f"wrote {a.json}; total {time.perf_counter() - t_start:.0f} s")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    exit_rank(0)  # waits for every rank, leaves the group, skips interpreter teardown
 
 
 if __name__ == "__main__":

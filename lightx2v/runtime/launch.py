@@ -5,7 +5,9 @@
 NVLink multicast forced off in the environment (parallel.NVLS_OFF_ENV) and waits. Each rank
 runs its body inside `run_rank`: a rank that fails prints one line, records the message in
 a file of a folder the launcher made, and exits at once (os._exit: no atexit handler or
-process-group destructor may wait on peers). torchrun then stops the other ranks (some
+process-group destructor may wait on peers). A rank that succeeds waits for the others,
+leaves the process group and exits with os._exit too (`parallel.exit_rank`: gloo could
+abort in interpreter teardown). torchrun then stops the other ranks (some
 may be blocked in a collective), and the launcher raises one LX2VError naming the rank and
 the first error. Collectives also time out (LX2V_DIST_TIMEOUT, default 900 s), so a rank
 that stalls without dying cannot hang the run either.
@@ -26,6 +28,7 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -38,6 +41,7 @@ from lightx2v.runtime.parallel import (
     ParallelRunner,
     broadcast_,
     disable_nvls,
+    exit_rank,
     in_torchrun,
     init_distributed,
     is_rank0,
@@ -137,10 +141,11 @@ def _record_error(msg: str) -> None:
         pass
 
 
-def run_rank(body: Callable[[], int | None]) -> int:
-    """Run one rank's work. On success: leave the process group, return body's code.
-    On any failure: print one line (plus a traceback for programming errors), record it
-    for the launcher, and exit this process immediately with a non-zero status."""
+def run_rank(body: Callable[[], int | None]) -> NoReturn:
+    """Run one rank's work, then end the process. On success: wait for every rank, leave
+    the process group and exit with body's code (parallel.exit_rank). On any failure: print
+    one line (plus a traceback for programming errors), record it for the launcher, and exit
+    at once with a non-zero status."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     try:
         code = body() or 0
@@ -165,11 +170,7 @@ def run_rank(body: Callable[[], int | None]) -> int:
             print(f"lx2v: error (rank {rank} of {world}): {msg}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(status)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+    exit_rank(code)
 
 
 # ---------------------------------------------------------------------------------------
