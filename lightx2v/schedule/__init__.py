@@ -1,29 +1,4 @@
-"""Noise schedules and samplers for the denoise loop."""
+"""Noise schedules and samplers for the denoise loop (everything lives in samplers.py)."""
 
-from lightx2v.schedule.samplers import (
-    DISTILL_SHIFT,
-    DISTILL_STEP_LISTS,
-    SAMPLER_NAMES,
-    DistillFlowSampler,
-    EulerFlowSampler,
-    FlowSampler,
-    FlowSchedule,
-    UniPCFlowSampler,
-    distill_settings,
-    is_step_distilled,
-    make_sampler,
-)
-
-__all__ = [
-    "DISTILL_SHIFT",
-    "DISTILL_STEP_LISTS",
-    "SAMPLER_NAMES",
-    "DistillFlowSampler",
-    "EulerFlowSampler",
-    "FlowSampler",
-    "FlowSchedule",
-    "UniPCFlowSampler",
-    "distill_settings",
-    "is_step_distilled",
-    "make_sampler",
-]
+from lightx2v.schedule.samplers import *  # noqa: F403
+from lightx2v.schedule.samplers import __all__  # noqa: F401

@@ -91,7 +91,10 @@ def layer_norm(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) ->
     return F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), eps)
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """The parameters both attentions share, named as in the official checkpoint: q, k, v, o
+    and the RMSNorms of q and k (over the full hidden dim)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -102,6 +105,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+
+class SelfAttention(_Attention):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q(x), self.k(x), self.v(x)
 
@@ -119,18 +124,11 @@ class SelfAttention(nn.Module):
         return self.o(self.attend(x, cos, sin))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Attention from video tokens to text tokens, plus (I2V) a separate image-token branch."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        super().__init__(dim, num_heads, eps)
         if with_image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
