@@ -316,7 +316,10 @@ RANK_SCRIPT = textwrap.dedent(
         dist.barrier()
         if sys.argv[1] == "fail" and rank == 1:
             raise LX2VError("tiny failure on purpose")
-        dist.barrier()  # rank 0 waits here for a rank that is gone: torchrun must end it
+        if sys.argv[1] == "peer-gone" and rank == 1:
+            os._exit(0)  # vanishes without leaving the group: rank 0's final barrier fails
+        if sys.argv[1] != "peer-gone":
+            dist.barrier()  # rank 0 waits here for a rank that is gone: torchrun must end it
         return 0
 
     sys.exit(run_rank(body))
@@ -324,10 +327,11 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["ok", "fail"])
+@pytest.mark.parametrize("mode", ["ok", "fail", "peer-gone"])
 def test_launch_one_error_no_hang(tmp_path, mode):
     """Two torchrun ranks on gloo: success returns 0; a failing rank ends both with one
-    LX2VError naming the rank and message, well before any collective timeout."""
+    LX2VError naming the rank and message, well before any collective timeout; so does a
+    rank that vanishes at the end (the other one's final barrier fails)."""
     import time
 
     from lightx2v.runtime import launch
@@ -337,6 +341,9 @@ def test_launch_one_error_no_hang(tmp_path, mode):
     t0 = time.perf_counter()
     if mode == "ok":
         assert launch.launch(2, [str(script), mode], check_gpus=False) == 0
+    elif mode == "peer-gone":
+        with pytest.raises(LX2VError, match=r"rank 0 of 2 failed: leaving the process group"):
+            launch.launch(2, [str(script), mode], check_gpus=False)
     else:
         with pytest.raises(LX2VError, match=r"rank 1 of 2 failed: tiny failure on purpose"):
             launch.launch(2, [str(script), mode], check_gpus=False)

@@ -41,10 +41,11 @@ from lightx2v.runtime.parallel import (
     ParallelRunner,
     broadcast_,
     disable_nvls,
-    exit_rank,
+    exit_now,
     in_torchrun,
     init_distributed,
     is_rank0,
+    leave_process_group,
     make_groups,
     parallel_vae_decode,
 )
@@ -142,35 +143,42 @@ def _record_error(msg: str) -> None:
 
 
 def run_rank(body: Callable[[], int | None]) -> NoReturn:
-    """Run one rank's work, then end the process. On success: wait for every rank, leave
-    the process group and exit with body's code (parallel.exit_rank). On any failure: print
-    one line (plus a traceback for programming errors), record it for the launcher, and exit
-    at once with a non-zero status."""
+    """Run one rank's work, then end the process (os._exit, parallel.exit_now). On success:
+    wait for every rank, leave the process group and exit with body's code. On any failure,
+    also one at that final barrier (a peer died): print one line (plus a traceback for
+    programming errors), record it for the launcher, and exit with a non-zero status."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     try:
-        code = body() or 0
-    except BaseException as e:  # noqa: BLE001 - every failure must end this rank
-        if isinstance(e, SystemExit) and not e.code:
+        try:
+            code = body() or 0
+        except SystemExit as e:
+            if e.code:
+                raise
             code = 0
+        try:
+            leave_process_group()
+        except Exception as e:
+            raise LX2VError(
+                f"leaving the process group (a peer is gone?): {type(e).__name__}: {e}"
+            ) from e
+    except BaseException as e:  # noqa: BLE001 - every failure must end this rank
+        if isinstance(e, LX2VError):
+            msg, status = str(e), 2
+        elif isinstance(e, KeyboardInterrupt):
+            msg, status = "interrupted", 130
+        elif isinstance(e, SystemExit):
+            msg, status = (
+                f"exited with status {e.code}",
+                e.code if isinstance(e.code, int) else 1,
+            )
         else:
-            if isinstance(e, LX2VError):
-                msg, status = str(e), 2
-            elif isinstance(e, KeyboardInterrupt):
-                msg, status = "interrupted", 130
-            elif isinstance(e, SystemExit):
-                msg, status = (
-                    f"exited with status {e.code}",
-                    e.code if isinstance(e.code, int) else 1,
-                )
-            else:
-                traceback.print_exc()
-                msg, status = f"{type(e).__name__}: {e}", 1
-            msg = " ".join(msg.split())  # one line
-            _record_error(msg)
-            print(f"lx2v: error (rank {rank} of {world}): {msg}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(status)
-    exit_rank(code)
+            traceback.print_exc()
+            msg, status = f"{type(e).__name__}: {e}", 1
+        msg = " ".join(msg.split())  # one line
+        _record_error(msg)
+        print(f"lx2v: error (rank {rank} of {world}): {msg}", file=sys.stderr)
+        exit_now(status)
+    exit_now(code)
 
 
 # ---------------------------------------------------------------------------------------

@@ -200,30 +200,39 @@ def init_distributed(
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def exit_rank(code: int = 0) -> NoReturn:
-    """End this rank's process after a successful run: wait for every rank (no peer is still
-    in a collective), leave the process group, flush stdout/stderr and exit with os._exit.
+def leave_process_group() -> None:
+    """Wait for every rank (so no peer is still in a collective), then leave the process
+    group. Raises if a peer is gone."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
-    Skipping the interpreter's finalization is deliberate. Two-rank gloo runs on CPU
-    sometimes died with SIGABRT, "terminate called without an active exception" (what a
-    std::thread destroyed while still running prints, i.e. teardown): once in CI, 3 times
-    in about 46 runs of the two-rank tests under CPU load. Finalization tears down the
-    objects that own the communication threads in no fixed order; os._exit runs no
-    destructor at all.
-    Every file a rank writes is closed (and renamed into place) before it gets here. A
-    failure at the barrier (a peer died) is one line on stderr and a non-zero status."""
+
+def exit_now(code: int) -> NoReturn:
+    """Flush stdout/stderr and end the process with os._exit: no interpreter finalization.
+
+    Deliberate: two-rank gloo runs on CPU sometimes died with SIGABRT, "terminate called
+    without an active exception" (what a std::thread destroyed while still running prints,
+    i.e. teardown): once in CI, 3 times in about 46 runs of the two-rank tests under CPU
+    load. Finalization tears down the objects that own the communication threads in no
+    fixed order; os._exit runs no destructor at all. Every file a rank writes is closed
+    (and renamed into place) before it gets here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End a rank after a successful run: leave_process_group, then exit_now(code). A
+    failure at the final barrier (a peer died) is one line on stderr and a non-zero status.
+    (`lx2v run` ranks go through launch.run_rank, which also records that failure.)"""
     try:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        leave_process_group()
     except BaseException as e:  # noqa: BLE001 - a peer died at the end: exit non-zero
         msg = " ".join(f"{type(e).__name__}: {e}".split())
         print(f"lx2v: error: leaving the process group: {msg}", file=sys.stderr)
         code = code or 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    exit_now(code)
 
 
 def is_rank0() -> bool:
@@ -512,10 +521,12 @@ __all__ = [
     "broadcast_",
     "check_ulysses_degree",
     "disable_nvls",
+    "exit_now",
     "exit_rank",
     "in_torchrun",
     "init_distributed",
     "is_rank0",
+    "leave_process_group",
     "make_groups",
     "make_runner",
     "ulysses_attention",
