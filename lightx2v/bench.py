@@ -418,6 +418,7 @@ def markdown_table(rows: list[BenchRow], header: str) -> str:
 
 def main_bench(args) -> int:
     """Entry point of `lx2v bench` (argparse namespace from cli.py)."""
+    from lightx2v.fileio import atomic_file
     from lightx2v.io import check_output_folder
 
     if args.repeat < 1:
@@ -433,7 +434,9 @@ def main_bench(args) -> int:
         raise LX2VError(
             f"--sizes {args.sizes}: unknown {', '.join(bad)} (known: {', '.join(SIZES)})"
         )
-    dev = "cuda" if args.device is None else args.device
+    from lightx2v.pipeline import resolve_device
+
+    dev = str(resolve_device("cuda" if args.device is None else args.device))
     arch = args.arch
     if arch == "tiny":  # a CPU dry run of the whole procedure
         from lightx2v.models.wan.tiny import tiny_arch
@@ -448,9 +451,11 @@ def main_bench(args) -> int:
     table = markdown_table(rows, head)
     print(table)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"header": head, "rows": [asdict(r) for r in rows]}, fh, indent=2)
+        with atomic_file(args.json, ".json") as tmp:
+            tmp.write_text(
+                json.dumps({"header": head, "rows": [asdict(r) for r in rows]}, indent=2)
+            )
     if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(table + "\n")
+        with atomic_file(args.markdown, ".md") as tmp:
+            tmp.write_text(table + "\n")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +39,16 @@ class WanArch:
     def __post_init__(self):
         if self.model_type not in ("t2v", "i2v"):
             raise LX2VError(f"unknown model_type {self.model_type!r} (expected 't2v' or 'i2v')")
+        sizes = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if f.type in (int, "int")]  # fmt: skip
+        sizes += [(f"patch_size[{i}]", v) for i, v in enumerate(self.patch_size)]
+        for name, v in sizes:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LX2VError(f"architecture: {name} {v!r} is not a positive integer")
+        if len(self.patch_size) != 3:
+            raise LX2VError(f"architecture: patch_size {self.patch_size!r} needs 3 entries")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise LX2VError(f"architecture: eps {self.eps!r} is not a positive number")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise LX2VError(
                 f"dim {self.dim} does not split into {self.num_heads} heads of even size"
@@ -136,6 +145,10 @@ class GenerationRequest:
             raise LX2VError(
                 f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLER_NAMES)}"
             )
+        if not 0 <= self.guidance < float("inf"):
+            raise LX2VError(f"--guidance {self.guidance}: must be a number >= 0 (1 = no CFG)")
+        if not 0 <= self.seed < 2**64:
+            raise LX2VError(f"--seed {self.seed}: must be in 0 .. 2**64-1")
         if self.shift is not None and not (0 < self.shift < float("inf")):
             raise LX2VError(f"--shift {self.shift}: must be a positive number")
         if not 0 <= self.teacache < float("inf"):
@@ -203,9 +216,14 @@ class RuntimeOptions:
             folder = Path(self.save_frames)
             if folder.exists() and not folder.is_dir():
                 raise LX2VError(f"--save-frames {folder}: exists and is not a folder")
+            from lightx2v.fileio import writable_folder_problem
+
             parent = folder if folder.exists() else folder.parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise LX2VError(f"--save-frames {folder}: cannot create or write that folder")
+            why = writable_folder_problem(parent) if parent.is_dir() else "no such folder"
+            if why:
+                raise LX2VError(
+                    f"--save-frames {folder}: cannot create or write that folder ({why})"
+                )
 
 
 VAE_TILING_MODES = ("auto", "on", "off")
@@ -262,8 +280,10 @@ class RunConfig:
             raw = json.loads(p.read_text())
         except FileNotFoundError:
             raise LX2VError(f"config file not found: {p}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LX2VError(f"config file {p} is not valid JSON: {e}") from None
+        except OSError as e:  # a folder, unreadable, ...
+            raise LX2VError(f"config file {p}: cannot read it ({e.strerror or e})") from None
         if not isinstance(raw, dict):
             raise LX2VError(f"config file {p}: expected a JSON object at the top level")
         return cls.from_dict(raw, source=str(p))

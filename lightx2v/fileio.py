@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -43,6 +44,18 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def writable_folder_problem(folder: str | Path) -> str | None:
+    """None if a file can be created in `folder`, else why not. A probe file is made and
+    removed at once: permission bits say nothing for root or on file systems like /proc."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lx2v-probe-", dir=folder)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def load_pth(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """A plain {name: tensor} dict from a `.pth` file, read weights-only and mmap'd.
 
@@ -60,12 +73,26 @@ def load_pth(path: str | Path, what: str) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read {what} checkpoint {path}: {first_line(err)}") from err
+        raise CheckpointError(_load_error(err, what, path)) from err
     if not isinstance(sd, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
     ):
         raise CheckpointError(f"{what} checkpoint {path} is not a plain dict of tensors")
     return sd
+
+
+def _load_error(err: Exception, what: str, path: Path) -> str:
+    """One line for a failed weights-only torch.load. torch's own message opens with advice
+    to load with weights_only=False, which we never do: keep only its diagnosis."""
+    text = str(err)
+    if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return (f"{what} checkpoint {path} holds a non-tensor object ({found.group(1)}); "
+                "refused (checkpoints are read weights-only, never unpickled)")  # fmt: skip
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = found.group(1).strip() if found else "unknown content"
+        return f"cannot read {what} checkpoint {path}: not a tensor file torch can read ({detail})"
+    return f"cannot read {what} checkpoint {path}: {first_line(err)}"
 
 
 def _umask() -> int:

@@ -11,14 +11,13 @@ so an interrupted run never leaves a half-written video.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lightx2v.errors import LX2VError
-from lightx2v.fileio import atomic_file
+from lightx2v.fileio import atomic_file, writable_folder_problem
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -27,7 +26,9 @@ def load_image(path: str | Path) -> torch.Tensor:
 
     p = Path(path)
     if not p.is_file():
-        raise LX2VError(f"image not found: {p}")
+        raise LX2VError(
+            f"image {p} is a folder, not a file" if p.is_dir() else f"image not found: {p}"
+        )
     try:
         with Image.open(p) as im:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
@@ -83,8 +84,8 @@ def check_output_folder(path: str | Path) -> Path:
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise LX2VError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise LX2VError(f"output folder is not writable: {folder}")
+    if why := writable_folder_problem(folder):
+        raise LX2VError(f"output folder is not writable: {folder} ({why})")
     return p
 
 

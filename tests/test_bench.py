@@ -22,3 +22,15 @@ def test_bench_dry_run(tmp_path, capsys):
     # the TeaCache row projects 60% of the FP8 row's steps (a stated 40% skip)
     assert abs(tea["s_per_video"] - 0.6 * fp8["s_per_video"]) < 1e-9
     assert "| 480p |" in capsys.readouterr().out
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_bench_bad_arguments_fail_before_any_work(tmp_path, capsys):
+    base = ["bench", "--arch", "tiny", "--frames", "5", "--repeat", "1"]
+    for extra, needle in (
+        (["--device", "bogus"], "'bogus' is not a device"),
+        (["--device", "cpu", "--json", str(tmp_path / "no" / "b.json")], "does not exist"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lx2v: error:")]
+        assert len(err) == 1 and needle in err[0], err

@@ -1,6 +1,7 @@
 """Every bad input: one clear error line, a non-zero exit, nothing written."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,8 @@ def test_task_mismatch(tiny_ckpts, tmp_path, capsys):
         (["--size", "50x32"], "divisible by 16"),
         (["--frames", "6"], "4n+1"),
         (["--steps", "0"], "at least 1"),
+        (["--guidance", "nan"], "--guidance nan"),
+        (["--seed", str(2**64)], "--seed"),
     ],
 )
 def test_bad_request(tiny_ckpts, tmp_path, capsys, flags, needle):
@@ -141,6 +144,12 @@ def test_unreadable_image(tiny_ckpts, tmp_path, capsys):
         capsys,
         "image not found",
     )
+    assert_fails(
+        ["--model", str(tiny_ckpts["i2v", "official"]), "--image", str(tmp_path), *SMALL],
+        tmp_path,
+        capsys,
+        "is a folder",
+    )
 
 
 def test_unwritable_output(tiny_ckpts, tmp_path, capsys):
@@ -151,6 +160,19 @@ def test_unwritable_output(tiny_ckpts, tmp_path, capsys):
         capsys,
         "does not exist",
     )
+    if Path("/proc/self").is_dir():  # a folder nobody can create files in, root included
+        assert_fails(
+            ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "-o", "/proc/o.mp4"],
+            tmp_path,
+            capsys,
+            "not writable: /proc",
+        )
+        assert_fails(
+            ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "--save-frames", "/proc/f"],
+            tmp_path,
+            capsys,
+            "--save-frames /proc/f",
+        )
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -210,6 +232,48 @@ def test_bad_config_file(tmp_path, capsys):
     assert_fails(["--config", str(cfg)], tmp_path, capsys, "widht")
     cfg.write_text("{not json")
     assert_fails(["--config", str(cfg)], tmp_path, capsys, "not valid JSON")
+    cfg.write_bytes(b'{"seed": "\xff"}')
+    assert_fails(["--config", str(cfg)], tmp_path, capsys, "not valid JSON")
+    assert_fails(["--config", str(tmp_path)], tmp_path, capsys, "cannot read it")
+
+
+def test_bad_lora_strength(tiny_ckpts, tmp_path, capsys):
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"")
+    args = ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL, "--lora", f"{lora}:abc"]
+    assert_fails(args, tmp_path, capsys, "strength 'abc' is not a number")
+    args[-1] = str(tmp_path)
+    assert_fails(args, tmp_path, capsys, "not a file")
+
+
+def test_wrong_value_type_in_checkpoint_config(copy_ckpt, tmp_path, capsys):
+    import json
+
+    root = copy_ckpt()
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["num_layers"] = "two"
+    (root / "config.json").write_text(json.dumps(cfg))
+    assert_fails(["--model", str(root), *SMALL], tmp_path, capsys, "num_layers 'two'")
+
+
+def test_verify_needs_a_converted_checkpoint(tiny_ckpts, tmp_path, capsys):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    for path, needle in ((f, "not a folder"), (tiny_ckpts["t2v", "official"], "no lx2v.json")):
+        assert main(["verify", str(path)]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lx2v: error:")]
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_pickled_component_is_refused_with_a_clear_line(copy_ckpt, tmp_path, capsys):
+    """A .pth holding a non-tensor object: refused (never unpickled), and the message does
+    not suggest loading it with weights_only=False."""
+    import argparse
+
+    root = copy_ckpt()
+    torch.save({"x": argparse.Namespace(a=1), "w": torch.zeros(1)}, root / "Wan2.1_VAE.pth")
+    err = assert_fails(["--model", str(root), *SMALL], tmp_path, capsys, "refused")
+    assert "weights_only" not in err
 
 
 @pytest.mark.parametrize(
@@ -269,3 +333,11 @@ def test_convert_never_deletes_the_source_or_a_foreign_folder(tiny_ckpts, tmp_pa
     assert afile.read_text() == "x"
     err = capsys.readouterr().err
     assert err.count("lx2v: error:") == 3
+
+
+def test_convert_to_an_unwritable_place_fails_first(tiny_ckpts, capsys):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc: a folder nobody can create files in")
+    assert main(["convert", "--model", str(tiny_ckpts["t2v", "official"]), "--out", "/proc/x"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lx2v: error:")]
+    assert len(err) == 1 and "cannot write in /proc" in err[0], err

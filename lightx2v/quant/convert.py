@@ -42,6 +42,7 @@ import torch
 import lightx2v
 from lightx2v.config import WanArch
 from lightx2v.errors import CheckpointError, LX2VError
+from lightx2v.fileio import writable_folder_problem
 from lightx2v.models.wan.formats import (
     DIFFUSERS,
     LX2V,
@@ -573,6 +574,11 @@ def convert(
         raise LX2VError(f"{dst} already exists; pass --force to overwrite it")
     if dst.exists() and not dst.is_dir():
         raise LX2VError(f"--out {dst} exists and is not a directory")
+    here = dst.absolute().parent  # missing folders are created: probe the deepest existing one
+    while not here.exists():
+        here = here.parent
+    if why := writable_folder_problem(here) if here.is_dir() else "not a folder":
+        raise LX2VError(f"--out {dst}: cannot write in {here} ({why})")
     if dst.exists() and any(dst.iterdir()) and not (dst / MANIFEST).is_file():
         # --force replaces a converted checkpoint, never an arbitrary folder
         raise LX2VError(f"--out {dst} is a non-empty folder that is not a converted checkpoint; "

@@ -122,6 +122,11 @@ def open_converted(root: str | Path) -> ConvertedCheckpoint:
 def verify(root: str | Path) -> None:
     """Check every listed file's size and sha256; raises CheckpointError naming the first bad one."""
     root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: " + ("not a folder" if root.exists() else "not found"))
+    if not (root / MANIFEST).is_file():
+        raise CheckpointError(f"{root} is not a converted checkpoint (no {MANIFEST}); "
+                              "verify checks the output of `lx2v convert`")  # fmt: skip
     m = read_manifest(root)
     check_sizes(root, m)
     for rel, rec in m["files"].items():

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lightx2v.config import WanArch
-from lightx2v.errors import CheckpointError
+from lightx2v.errors import CheckpointError, LX2VError
 from lightx2v.fileio import key_mismatch, short_list
 
 OFFICIAL, DIFFUSERS, LX2V = "official", "diffusers", "lx2v"
@@ -148,6 +148,8 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"missing file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -256,6 +258,10 @@ def _arch_from_shapes(src: SafetensorsSource, base: dict, where: Path) -> WanArc
         raise CheckpointError(f"DiT weights in {where} lack tensor {e}") from None
     except TypeError as e:
         raise CheckpointError(f"config in {where} is incomplete: {e}") from None
+    except CheckpointError:
+        raise
+    except LX2VError as e:  # a wrong value in the config (WanArch checks them)
+        raise CheckpointError(f"config in {where}: {e}") from None
 
 
 def _open_official(root: Path) -> Checkpoint:

@@ -376,10 +376,17 @@ def requantize_rows_(q: nn.Module, rows: slice, delta: torch.Tensor) -> None:
 
 def parse_lora_args(values: Iterable[str] | None) -> list[LoraSpec]:
     """`--lora` values (repeatable) → specs, each file checked to exist now."""
-    specs = [LoraSpec.parse(v) for v in values or ()]
-    for s in specs:
-        if not s.path.is_file():
-            raise LX2VError(f"--lora {s.path}: file not found")
+    values = list(values or ())
+    specs = [LoraSpec.parse(v) for v in values]
+    for text, s in zip(values, specs, strict=True):
+        if s.path.is_file():
+            continue
+        head, sep, tail = text.rpartition(":")
+        if sep and head and Path(head).is_file():
+            raise LX2VError(f"--lora {text}: strength {tail!r} is not a number")
+        raise LX2VError(
+            f"--lora {s.path}: " + ("not a file" if s.path.exists() else "file not found")
+        )
     return specs
 
 
