@@ -428,7 +428,11 @@ def main_bench(args) -> int:
     for path in (args.json, args.markdown):
         if path:
             check_output_folder(path)
+    if not args.time_budget > 0:
+        raise LX2VError(f"--time-budget {args.time_budget}: must be a positive number of seconds")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if not sizes:
+        raise LX2VError(f"--sizes {args.sizes!r}: name at least one size ({', '.join(SIZES)})")
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         raise LX2VError(

@@ -30,10 +30,16 @@ def parse_size(text: str) -> tuple[int, int]:
         ) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lx2v: error: ...` and a pointer to --help, instead of
+    the usage block (subcommand parsers inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lx2v: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lx2v", description="Fast inference for Wan2.1 text/image-to-video models."
-    )
+    p = _Parser(prog="lx2v", description="Fast inference for Wan2.1 text/image-to-video models.")
     p.add_argument("--version", action="version", version=f"lightx2v {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--keep-high-precision",
-        default="",
+        default=None,
         metavar="BLOCKS",
         help="comma-separated block indices kept in bf16, e.g. 0,39",
     )
@@ -253,6 +259,8 @@ def cmd_run(args) -> int:
     Every check that needs no weights runs here first, before any rank starts."""
     if args.gpus is not None and args.gpus < 1:
         raise LX2VError(f"--gpus {args.gpus}: must be at least 1")
+    if args.ulysses is not None and args.ulysses < 1:
+        raise LX2VError(f"--ulysses {args.ulysses}: must be at least 1")
     if (args.ulysses or args.cfg_parallel) and not (args.gpus and args.gpus > 1):
         raise LX2VError("--ulysses and --cfg-parallel need --gpus N with N > 1")
     from lightx2v.runtime import launch
@@ -333,6 +341,8 @@ def _prepare_run(args):
         rt.save_frames = args.save_frames
     if args.lora:
         rt.loras = [*rt.loras, *args.lora]
+    if args.output == "":
+        raise LX2VError("-o/--output is empty: give a .mp4 path")
     output = args.output or cfg.output
     if args.attention:
         rt.attention = args.attention
@@ -413,7 +423,8 @@ def cmd_convert(args) -> int:
     from lightx2v.quant.convert import convert
 
     try:
-        keep = [int(b) for b in args.keep_high_precision.split(",") if b.strip()]
+        text = args.keep_high_precision
+        keep = [] if text is None else [int(b) for b in text.split(",")]
     except ValueError:
         raise LX2VError(
             f"--keep-high-precision {args.keep_high_precision!r}: expected block indices like 0,39"
@@ -513,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             print("lx2v: error: GPU out of memory; try a smaller --size or --frames, "
                   "--cfg-sequential, --vae-tiling, or a converted FP8 checkpoint", file=sys.stderr)  # fmt: skip
+            return 3
+        if isinstance(e, (RuntimeError, MemoryError)) and (
+            isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+        ):
+            print("lx2v: error: out of host (CPU) memory; try a smaller --size or --frames",
+                  file=sys.stderr)  # fmt: skip
             return 3
         raise
 

@@ -341,3 +341,30 @@ def test_convert_to_an_unwritable_place_fails_first(tiny_ckpts, capsys):
     assert main(["convert", "--model", str(tiny_ckpts["t2v", "official"]), "--out", "/proc/x"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lx2v: error:")]
     assert len(err) == 1 and "cannot write in /proc" in err[0], err
+
+
+def test_flag_errors_are_one_line(tiny_ckpts, tmp_path, capsys):
+    model = ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL]
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *model, "--size", "abc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lx2v: error:") and "--size" in err[0], err
+    assert_fails([*model, "--ulysses", "0"], tmp_path, capsys, "--ulysses 0")
+    assert_fails([*model, "-o", ""], tmp_path, capsys, "empty")
+
+
+def test_host_out_of_memory_message(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    from lightx2v.pipeline import WanPipeline
+
+    def boom(self, *a, **k):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+        )  # noqa: E501
+
+    monkeypatch.setattr(WanPipeline, "generate", boom)
+    rc, errors, out = run_cli(
+        ["--model", str(tiny_ckpts["t2v", "official"]), *SMALL], tmp_path, capsys
+    )
+    assert rc == 3 and len(errors) == 1 and "host (CPU) memory" in errors[0], errors
+    assert not out.exists()
