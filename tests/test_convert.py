@@ -6,6 +6,7 @@ these tests depend only on formats.py and the quant package.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -519,3 +520,22 @@ def test_components_converted(tmp_path, layout):
     assert torch.equal(v0.encode(video), v1.encode(video))
     img = torch.rand(1, 3, 40, 48) * 2 - 1
     assert torch.equal(ie0.encode(img), ie1.encode(img))
+
+
+@pytest.mark.parametrize("damage", ["truncated-vae", "pickle-in-tokenizer"])
+def test_bad_diffusers_component_fails_before_any_work(tmp_path, tiny_ckpts, damage):
+    """A truncated component safetensors or a pickle file in a component folder: refused
+    before the DiT is converted (no OUT, no OUT.partial), so the manifest can never record
+    a corrupt file."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpts["t2v", "diffusers"], src)
+    if damage == "truncated-vae":
+        f = next((src / "vae").glob("*.safetensors"))
+        f.write_bytes(f.read_bytes()[:100])
+        needle = "not a readable safetensors file"
+    else:
+        (src / "tokenizer" / "extra.pth").write_bytes(b"\x80\x04K\x01.")
+        needle = "is a pickle file"
+    with pytest.raises(CheckpointError, match=needle):
+        convert(src, tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()

@@ -49,6 +49,7 @@ from lightx2v.models.wan.formats import (
     Checkpoint,
     diffusers_to_official,
     open_checkpoint,
+    open_safetensors,
 )
 from lightx2v.quant.fp8 import FP8_DTYPE, SCHEMES, quantize_rows_fp8, quantize_rows_int8
 from lightx2v.quant.linear import block_linears
@@ -413,21 +414,20 @@ def _write_shards(shards: list[Shard], root: Path, done: Callable[[Shard, str], 
 def convert_components(ckpt: Checkpoint, root: Path) -> dict[str, str]:
     """Write what the pipeline needs besides the DiT; returns {component: relative path}.
 
-    A diffusers source already stores safetensors folders: they are copied file by file
-    (pickle files are refused). An official source's .pth encoders and VAE are loaded with
+    A diffusers source already stores safetensors folders: they are checked
+    (check_component_files) and copied file by file. An official source's .pth encoders and VAE are loaded with
     the encoders/VAE modules and saved as safetensors folders.
     """
-    names = ["text_encoder", "tokenizer", "vae"]
-    if ckpt.arch.is_i2v:
-        names += ["image_encoder", "image_processor"]
+    names = _component_names(ckpt)
     if ckpt.component_layout == DIFFUSERS:
+        check_component_files(ckpt)
         out = {}
         for name in names:
             srcdir = getattr(ckpt, name)
             if srcdir is None or not srcdir.is_dir():
                 log.warning("source has no %s/; the converted checkpoint will lack it", name)
                 continue
-            _copy_tree_no_pickle(srcdir, root / name)
+            _copy_tree(srcdir, root / name)
             out[name] = name
         return out
     return _components_from_official(ckpt, root, names)
@@ -436,16 +436,37 @@ def convert_components(ckpt: Checkpoint, root: Path) -> dict[str, str]:
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 
 
-def _copy_tree_no_pickle(src: Path, dst: Path) -> None:
+def _component_names(ckpt: Checkpoint) -> list[str]:
+    names = ["text_encoder", "tokenizer", "vae"]
+    return names + ["image_encoder", "image_processor"] if ckpt.arch.is_i2v else names
+
+
+def check_component_files(ckpt: Checkpoint) -> None:
+    """Before any work, for a diffusers source: its component folders hold no pickle file
+    and every .safetensors file opens (header and length agree), so a conversion cannot
+    fail late or record a corrupt file in the manifest."""
+    if ckpt.component_layout != DIFFUSERS:
+        return  # official .pth components are loaded (weights-only) when converted
+    for name in _component_names(ckpt):
+        folder = getattr(ckpt, name)
+        if folder is None or not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.suffix in _PICKLE_SUFFIXES:
+                raise CheckpointError(
+                    f"{p} is a pickle file; convert the source to safetensors first "
+                    "(the converted layout holds no pickle)"
+                )
+            if p.suffix == ".safetensors":
+                with open_safetensors(p):
+                    pass
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
         if p.is_dir():
             continue
-        if p.suffix in _PICKLE_SUFFIXES:
-            raise CheckpointError(
-                f"{p} is a pickle file; convert the source to safetensors first "
-                "(the converted layout holds no pickle)"
-            )
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, target)
@@ -592,6 +613,8 @@ def convert(
     if quant == "bf16":
         keep = []
 
+    if components:
+        check_component_files(ckpt)
     index = index_source(ckpt)
     fingerprint = source_fingerprint(ckpt)
     the_plan = plan(ckpt.arch, index, quant, keep, report)
