@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "fp8", "int8"],
         help="quantize the DiT's linear layers at load (default none; a converted checkpoint is already quantized)",
     )
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     c = sub.add_parser("convert", help="convert a checkpoint into per-block FP8/INT8/bf16 shards",
                        description="Convert an official or diffusers Wan2.1 checkpoint into lightx2v's layout.")  # fmt: skip
@@ -394,6 +394,12 @@ def _prepare_run(args):
 def _execute_run(args, ckpt, req, rt, output, parallel: bool) -> int:
     from lightx2v.pipeline import WanPipeline
 
+    if args.quiet:  # also the loading bars of the encoder/VAE libraries
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
     rank0 = True
     if parallel:
         from lightx2v.runtime import launch
