@@ -423,6 +423,9 @@ def main_bench(args) -> int:
 
     if args.repeat < 1:
         raise LX2VError(f"--repeat {args.repeat}: must be at least 1")
+    tiny = args.arch == "tiny"
+    if args.frames is None:
+        args.frames = 5 if tiny else 81
     if args.frames < 1 or (args.frames - 1) % 4:
         raise LX2VError(f"--frames {args.frames}: must be 4n+1")
     for path in (args.json, args.markdown):
@@ -440,7 +443,7 @@ def main_bench(args) -> int:
         )
     from lightx2v.pipeline import resolve_device
 
-    dev = str(resolve_device("cuda" if args.device is None else args.device))
+    dev = str(resolve_device(args.device or ("auto" if tiny else "cuda")))
     arch = args.arch
     if arch == "tiny":  # a CPU dry run of the whole procedure
         from lightx2v.models.wan.tiny import tiny_arch

@@ -240,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--arch", default="i2v-14b", choices=["i2v-14b", "tiny"], help="tiny: a CPU dry run"
     )
-    b.add_argument("--frames", type=int, default=81)
+    b.add_argument("--frames", type=int, help="default 81 (tiny: 5)")
     b.add_argument("--repeat", type=int, default=2, help="timed calls per configuration (median)")
-    b.add_argument("--device", help="default cuda")
+    b.add_argument("--device", help="default cuda (tiny: auto)")
     b.add_argument(
         "--time-budget", type=float, default=480.0, help="seconds; later rows are skipped"
     )

@@ -34,3 +34,14 @@ def test_bench_bad_arguments_fail_before_any_work(tmp_path, capsys):
         assert main([*base, *extra]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lx2v: error:")]
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_tiny_defaults_are_a_cpu_dry_run(tmp_path, capsys, monkeypatch):
+    """`lx2v bench --arch tiny` alone: 5 frames and the auto device (no --frames/--device)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--arch", "tiny", "--repeat", "1", "--json", str(out)]) == 0
+    head = json.loads(out.read_text())["header"]
+    assert "5 frames" in head and "CPU" in head, head
