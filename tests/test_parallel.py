@@ -143,16 +143,14 @@ def finish(out_dir: str, rank: int, report: dict) -> None:
     """Write this rank's report (temp file, then rename), then end the process the way a
     rank of `lx2v run` ends: exit_rank (barrier, leave the group, os._exit) after success,
     os._exit(1) at once after a failure (a peer may never reach the barrier)."""
-    from lightx2v.runtime.parallel import exit_rank
+    from lightx2v.runtime.parallel import exit_now, exit_rank
 
     tmp = Path(out_dir, f".rank{rank}.json.tmp")
     tmp.write_text(json.dumps(report))
     os.replace(tmp, Path(out_dir, f"rank{rank}.json"))
     if report["error"] is None:
         exit_rank(0)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+    exit_now(1)
 
 
 def free_port() -> int:

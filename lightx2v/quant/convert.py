@@ -414,13 +414,13 @@ def _write_shards(shards: list[Shard], root: Path, done: Callable[[Shard, str], 
 def convert_components(ckpt: Checkpoint, root: Path) -> dict[str, str]:
     """Write what the pipeline needs besides the DiT; returns {component: relative path}.
 
-    A diffusers source already stores safetensors folders: they are checked
-    (check_component_files) and copied file by file. An official source's .pth encoders and VAE are loaded with
-    the encoders/VAE modules and saved as safetensors folders.
+    A diffusers source already stores safetensors folders: they are copied file by file
+    (convert() has checked them first: check_component_files). An official source's .pth
+    encoders and VAE are loaded with the encoders/VAE modules and saved as safetensors
+    folders.
     """
     names = _component_names(ckpt)
     if ckpt.component_layout == DIFFUSERS:
-        check_component_files(ckpt)
         out = {}
         for name in names:
             srcdir = getattr(ckpt, name)
