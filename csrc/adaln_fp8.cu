@@ -13,6 +13,8 @@
 // are re-read per token from L1/L2 (shared by the whole batch row) instead of being held in
 // registers, which would cut the rows resident per SM.
 
+#include <cstdlib>
+
 #include "common.cuh"
 
 namespace lx2v {
@@ -39,7 +41,9 @@ __device__ __forceinline__ void store_e4m3(uint8_t* p, const float* h, float mul
   }
 }
 
-template <typename T>
+// kVariant bits (A/B, LX2V_ADALN_FP8_VARIANT): 1 = shifted one-reduction statistics,
+// 2 = loads with an L2 prefetch hint.
+template <typename T, int kVariant>
 __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Args args) {
   constexpr int V = Chunk<T>::kElems;
   constexpr int C = Chunk<T>::kPerThread;
@@ -61,31 +65,67 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Ar
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int chunk = threadIdx.x + c * blockDim.x;
-      if (chunk < chunks) unpack_chunk<T>(load_chunk_streaming(x + chunk * V), v[c]);
-    }
-
-    float sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      if (threadIdx.x + c * blockDim.x < chunks) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) sum += v[c][i];
+      if (chunk < chunks) {
+        const uint4 raw = (kVariant & 2) != 0 ? load_chunk_prefetch(x + chunk * V)
+                                              : load_chunk_streaming(x + chunk * V);
+        unpack_chunk<T>(raw, v[c]);
       }
     }
-    const float mean = __fdiv_rn(block_reduce(sum, SumOp{}), dim);
 
-    float sum_sq = 0.f;
+    float rstd;
+    if constexpr ((kVariant & 1) != 0) {
+      // One reduction for both moments, taken about a pivot that every thread has: the
+      // row's first value. Shifting keeps Σd² − (Σd)²/D from cancelling on rows with a
+      // large mean; the pivot is one sample of the row, so (mean − pivot)² is of the
+      // order of the variance unless the first channel is an outlier.
+      const float pivot = static_cast<float>(x[0]);
+      float s1 = 0.f, s2 = 0.f;
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      if (threadIdx.x + c * blockDim.x < chunks) {
+      for (int c = 0; c < C; ++c) {
+        if (threadIdx.x + c * blockDim.x < chunks) {
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          v[c][i] = __fsub_rn(v[c][i], mean);
-          sum_sq = fmaf(v[c][i], v[c][i], sum_sq);
+          for (int i = 0; i < V; ++i) {
+            v[c][i] = __fsub_rn(v[c][i], pivot);
+            s1 += v[c][i];
+            s2 = fmaf(v[c][i], v[c][i], s2);
+          }
         }
       }
+      const float2 t = block_reduce.sum2(s1, s2);
+      const float mean_d = __fdiv_rn(t.x, dim);
+      const float var = fmaxf(__fdiv_rn(t.y, dim) - mean_d * mean_d, 0.f);
+      rstd = rsqrtf(var + args.eps);
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (threadIdx.x + c * blockDim.x < chunks) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[c][i] = __fsub_rn(v[c][i], mean_d);
+        }
+      }
+    } else {
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (threadIdx.x + c * blockDim.x < chunks) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) sum += v[c][i];
+        }
+      }
+      const float mean = __fdiv_rn(block_reduce(sum, SumOp{}), dim);
+
+      float sum_sq = 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (threadIdx.x + c * blockDim.x < chunks) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            v[c][i] = __fsub_rn(v[c][i], mean);
+            sum_sq = fmaf(v[c][i], v[c][i], sum_sq);
+          }
+        }
+      }
+      rstd = rsqrtf(__fdiv_rn(block_reduce(sum_sq, SumOp{}), dim) + args.eps);
     }
-    const float rstd = rsqrtf(__fdiv_rn(block_reduce(sum_sq, SumOp{}), dim) + args.eps);
 
     // h with the reference's roundings (no FMA contraction), so that h, and with it each
     // FP8 code, differs from the reference's only through the statistics.
@@ -102,7 +142,8 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Ar
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float n = __fmul_rn(v[c][i], rstd);
-        v[c][i] = __fadd_rn(__fmul_rn(n, __fadd_rn(1.f, sc[i])), sh[i]);
+        const float factor = args.affine ? sc[i] : __fadd_rn(1.f, sc[i]);
+        v[c][i] = __fadd_rn(__fmul_rn(n, factor), sh[i]);
         amax = MaxOp{}(amax, fabsf(v[c][i]));
       }
     }
@@ -121,6 +162,25 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Ar
   }
 }
 
+// LX2V_ADALN_FP8_VARIANT=0..3 (A/B; default 0: two-pass statistics, streaming loads).
+int variant() {
+  static const int v = [] {
+    const char* e = std::getenv("LX2V_ADALN_FP8_VARIANT");
+    return e == nullptr ? 0 : std::atoi(e) & 3;
+  }();
+  return v;
+}
+
+template <typename T>
+auto* kernel_for(int v) {
+  switch (v) {
+    case 1: return adaln_fp8_kernel<T, 1>;
+    case 2: return adaln_fp8_kernel<T, 2>;
+    case 3: return adaln_fp8_kernel<T, 3>;
+    default: return adaln_fp8_kernel<T, 0>;
+  }
+}
+
 }  // namespace
 
 cudaError_t adaln_fp8(const AdaLNFp8Args& args, cudaStream_t stream) {
@@ -128,7 +188,7 @@ cudaError_t adaln_fp8(const AdaLNFp8Args& args, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   return with_type(args.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* kernel = adaln_fp8_kernel<T>;
+    auto* kernel = kernel_for<T>(variant());
     const int threads = row_threads(args.dim / Chunk<T>::kElems, Chunk<T>::kPerThread);
     kernel<<<resident_ctas(kernel, threads, rows), threads, 0, stream>>>(args);
     return cudaGetLastError();

@@ -77,6 +77,7 @@ struct AdaLNFp8Args {
   int64_t batch, tokens;
   int dim;
   float eps;
+  bool affine;  // h = LN(x) · scale + shift (an affine LayerNorm: weight, bias) instead
 };
 
 cudaError_t adaln_fp8(const AdaLNFp8Args& args, cudaStream_t stream);

@@ -164,9 +164,10 @@ void qk_norm_rope_cuda(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q
   C10_CUDA_CHECK(lx2v::rms_norm_rope(args, c10::cuda::getCurrentCUDAStream()));
 }
 
-// (out, out_scale) = per-token e4m3 quantization of LN(x) · (1 + scale) + shift.
+// (out, out_scale) = per-token e4m3 quantization of LN(x) · (1 + scale) + shift, or with
+// affine of LN(x) · scale + shift (scale, shift = the LayerNorm's weight, bias).
 void adaln_fp8_cuda(at::Tensor& out, at::Tensor& out_scale, const at::Tensor& x,
-                    const at::Tensor& shift, const at::Tensor& scale, double eps) {
+                    const at::Tensor& shift, const at::Tensor& scale, double eps, bool affine) {
   const RowsIn rows = check_rows(x, "x");
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
   for (const auto* m : {&shift, &scale}) {
@@ -192,6 +193,7 @@ void adaln_fp8_cuda(at::Tensor& out, at::Tensor& out_scale, const at::Tensor& x,
   args.tokens = L;
   args.dim = static_cast<int>(D);
   args.eps = static_cast<float>(eps);
+  args.affine = affine;
   C10_CUDA_CHECK(lx2v::adaln_fp8(args, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -207,7 +209,7 @@ TORCH_LIBRARY(lx2v_C, m) {
   // adaln_fp8.cu
   m.def(
       "adaln_fp8(Tensor(a!) out, Tensor(b!) out_scale, Tensor x, Tensor shift, Tensor scale, "
-      "float eps) -> ()");
+      "float eps, bool affine=False) -> ()");
   // fp8_gemm_*_sm90.cu: y = (a · a_scale) @ (b · b_scale)ᵀ + bias with a fused epilogue. Their
   // CUDA kernels are in lightx2v._C_sm90 (built for sm_90a only, with CUTLASS), which
   // registers them when imported; without it these ops have no CUDA kernel.

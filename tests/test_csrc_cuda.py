@@ -17,7 +17,7 @@ import logging
 
 import pytest
 import torch
-from test_ops import EPS, adaln64, assert_within_principle, rms_rope64
+from test_ops import EPS, adaln64, assert_within_principle, ln64, rms_rope64
 
 from lightx2v.ops import dispatch, norm, rope
 
@@ -135,6 +135,36 @@ def test_adaln_fp8(L, D, x_dtype):
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
     assert_within_principle(q.float() * s, adaln64(x, shift, scale), q_ref.float() * s_ref)
     assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("L", [1, 4097])
+@pytest.mark.parametrize("D", DIMS)
+def test_affine_layer_norm_fp8(L, D):
+    """affine=True: LN(x) · weight + bias (the norm before cross-attention), one table for
+    the whole batch (stride 0), quantized per token like adaLN."""
+    x = strided_rows(2, L, D, torch.float32, seed=L + 2, offset=5)
+    w = torch.randn(D, generator=gen(D + 3), device=DEV) * 0.5 + 1
+    b = torch.randn(D, generator=gen(D + 4), device=DEV) * 0.2
+    q, s = csrc.affine_layer_norm_fp8(x, w, b, EPS)
+    h32 = torch.nn.functional.layer_norm(x.float(), (D,), w, b, EPS)
+    q_ref, s_ref = norm.quantize_fp8_per_token(h32)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    exact = ln64(x) * w.double() + b.double()
+    assert_within_principle(q.float() * s, exact, q_ref.float() * s_ref)
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 1e-3
+
+
+def test_adaln_fp8_outlier_channels():
+    """Rows like a DiT residual stream: a few channels (the first included) 100× the rest,
+    and a large per-token mean; the statistics must not cancel."""
+    L, D = 4097, 5120
+    x = strided_rows(2, L, D, torch.float32, seed=31, offset=20)
+    x[..., [0, 7, 1000]] *= 100
+    shift, scale = modulation(D, seed=32)
+    q, s = norm.adaln_fp8(x, shift, scale)
+    q_ref, s_ref = norm.adaln_fp8_ref(x, shift, scale)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    assert_within_principle(q.float() * s, adaln64(x, shift, scale), q_ref.float() * s_ref)
 
 
 def test_adaln_fp8_constant_row_keeps_a_finite_scale():

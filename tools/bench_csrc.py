@@ -61,6 +61,15 @@ def cases(L: int, D: int, H: int):
     C.adaln_fp8(q8, s8, x, shift, scale, EPS)
     q8_ref, s8_ref = norm.adaln_fp8_ref(x, shift, scale, EPS)
     err_fp8 = rel_l2(q8.float() * s8, q8_ref.float() * s8_ref)
+    w3, b3 = torch.randn(D, device=dev) * 0.5 + 1, torch.randn(D, device=dev) * 0.2  # norm3
+
+    def affine_ref():
+        h = torch.nn.functional.layer_norm(x, (D,), w3, b3, EPS)
+        return norm.quantize_fp8_per_token(h)
+
+    C.adaln_fp8(q8, s8, x, b3[None], w3[None], EPS, affine=True)
+    q8_ref, s8_ref = affine_ref()
+    err_affine = rel_l2(q8.float() * s8, q8_ref.float() * s8_ref)
 
     table = L * (dh // 2) * 4  # one fp32 rope table
     return [
@@ -80,6 +89,11 @@ def cases(L: int, D: int, H: int):
             "triton": lambda: kn.layer_norm(x, q8, EPS, shift=shift, scale=scale, out_scale=s8),
             "torch": lambda: norm.adaln_fp8_ref(x, shift, scale, EPS),
         }, err_fp8),
+        ("affine LN → FP8 + scale", n * (4 + 1) + L * 4 + 2 * D * 4, {
+            "csrc": lambda: C.adaln_fp8(q8, s8, x, b3[None], w3[None], EPS, affine=True),
+            "triton": lambda: kn.layer_norm(x, q8, EPS, weight=w3, bias=b3, out_scale=s8),
+            "torch": affine_ref,
+        }, err_affine),
     ]  # fmt: skip
 
 

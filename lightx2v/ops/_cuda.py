@@ -7,7 +7,7 @@ a CUDA device is.
 
     torch.ops.lx2v_C.rms_norm(out, x, weight, eps)
     torch.ops.lx2v_C.qk_norm_rope(q_out, k_out, q, k, weight_q, weight_k, cos, sin, eps)
-    torch.ops.lx2v_C.adaln_fp8(out, out_scale, x, shift, scale, eps)
+    torch.ops.lx2v_C.adaln_fp8(out, out_scale, x, shift, scale, eps, affine=False)
     torch.ops.lx2v_C.fp8_gemm[_gelu](out, a, a_scale, b, b_scale, bias)    (lightx2v/ops/gemm.py;
     torch.ops.lx2v_C.fp8_gemm_residual(res, a, a_scale, b, b_scale, bias, gate)   kernels in
                                                                             lightx2v._C_sm90)
@@ -48,7 +48,7 @@ def _(q_out, k_out, q, k, weight_q, weight_k, cos, sin, eps):
 
 
 @torch.library.register_fake("lx2v_C::adaln_fp8")
-def _(out, out_scale, x, shift, scale, eps):
+def _(out, out_scale, x, shift, scale, eps, affine=False):
     return None
 
 
@@ -168,4 +168,21 @@ def adaln_fp8(
     out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if out.numel():
         torch.ops.lx2v_C.adaln_fp8(out, out_scale, _rows(x), _table(shift), _table(scale), eps)
+    return out, out_scale
+
+
+def affine_layer_norm_fp8(
+    x: torch.Tensor,  # [B, L, D]
+    weight: torch.Tensor,  # [D]
+    bias: torch.Tensor,  # [D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LN(x)·weight + bias quantized per token: (q e4m3 [B, L, D], s fp32 [B, L, 1])."""
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if out.numel():
+        B, D = x.shape[0], x.shape[-1]
+        w = _table(weight).expand(B, D)  # stride 0 over the batch: one table
+        b = _table(bias).expand(B, D)
+        torch.ops.lx2v_C.adaln_fp8(out, out_scale, _rows(x), b, w, eps, affine=True)
     return out, out_scale
