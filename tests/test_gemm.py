@@ -98,6 +98,31 @@ def test_fp8linear_fused_methods_fall_back_to_module_and_op():
     )
 
 
+def fused_route_linear(k=64, n=48) -> FP8Linear:
+    """An FP8Linear on the route that fuses epilogues (the scaled_mm backend with fast
+    accumulation); on the CPU gemm's wrappers run their references there."""
+    torch.manual_seed(0)
+    lin = FP8Linear.from_linears([torch.nn.Linear(k, n).bfloat16()], backend="ref")
+    lin.backend = "scaled_mm"  # bypass selection: no _scaled_mm runs on this route
+    assert lin._fuses_epilogues()
+    return lin
+
+
+def test_fp8linear_fused_methods_take_a_quantized_pair():
+    """A (q, s) pair from a norm + FP8 op goes to the GEMM wrappers as it is."""
+    lin = fused_route_linear()
+    q, s = per_token_quant_fp8(torch.randn(24, 64))
+    pair = (q.view(2, 12, 64), s.view(2, 12, 1))
+    w, sw, b = lin.weight, lin.weight_scale, lin.bias
+    h = lin.forward_gelu(pair)
+    assert h.shape == (2, 12, 48) and h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.view(24, 48), gemm.fp8_linear_gelu_ref(q, s, w, sw, b))
+    res, gate = torch.randn(2, 12, 48), torch.randn(2, 48)
+    out = lin.forward_residual_(res.clone(), pair, gate)
+    want = gemm.fp8_linear_residual_ref_(res.clone(), q, s, w, sw, b, gate)
+    torch.testing.assert_close(out, want)
+
+
 # ---------------------------------------------------------------------------------------
 # the wrappers' CUDA route, with CPU stand-ins for the lx2v_C ops (where lightx2v._C is not
 # loaded): which op is called with what, and that it compiles with fullgraph=True
@@ -165,6 +190,17 @@ def test_wrappers_call_the_ops(standin_ops):
     torch.testing.assert_close(hc, h, rtol=0, atol=0)
     torch.testing.assert_close(compiled_res, eager_res, rtol=0, atol=0)
     assert CALLS[3:] == ["fp8_gemm_gelu", "fp8_gemm", "fp8_gemm_residual"]  # in the graph
+
+
+def test_fp8linear_pair_reaches_the_ops_compiled(standin_ops):
+    """The FFN up-projection on adaln_fp8's pair: the fused GELU GEMM, in a full graph."""
+    lin = fused_route_linear()
+    q, s = per_token_quant_fp8(torch.randn(24, 64))
+    pair = (q.view(2, 12, 64), s.view(2, 12, 1))
+    eager = lin.forward_gelu(pair)
+    compiled = torch.compile(lambda p: lin.forward_gelu(p), fullgraph=True)(pair)
+    assert CALLS == ["fp8_gemm_gelu", "fp8_gemm_gelu"]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 def test_odd_shapes_do_not_reach_the_ops(standin_ops, monkeypatch):

@@ -126,6 +126,37 @@ def test_affine_layer_norm_ref():
 
 
 @pytest.mark.parametrize("D", DIMS)
+def test_affine_layer_norm_fp8_ref_quantizes_per_token(D):
+    x, _, _ = inputs(33, D)
+    w, b = randn(D, seed=1), randn(D, seed=2)
+    q, s = norm.affine_layer_norm_fp8_ref(x, w, b)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (2, 33, 1)
+    # the definition: the fp32 affine LN (affine_layer_norm's) quantized like adaln_fp8
+    q2, s2 = norm.quantize_fp8_per_token(norm.affine_layer_norm_fp32(x, w, b, EPS))
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+    h = ln64(x) * w.double() + b.double()
+    torch.testing.assert_close(s.double(), h.abs().amax(-1, keepdim=True) / 448, rtol=1e-6, atol=0)
+    assert q.float().abs().amax(-1).eq(448).all()
+    # e4m3 round-to-nearest errs ≤ 2^-4 relative (normal range), as for adaln_fp8
+    deq = q.double() * s.double()
+    assert rel_l2(deq, h) < 2**-4
+    assert rel_l2(deq, norm.affine_layer_norm_ref(x, w, b, out_dtype=torch.float32)) < 2**-4
+
+
+def test_fp8_ops_fake_kernels_give_the_shapes():
+    """On the meta device the custom ops run their fake kernels: q like x, s [B, L, 1]."""
+    x = torch.empty(2, 7, 64, device="meta")
+    w = torch.empty(64, device="meta")
+    for q, s in (
+        torch.ops.lx2v.affine_layer_norm_fp8(x, w, w, EPS),
+        torch.ops.lx2v.adaln_fp8(x, x[:, 0], x[:, 0], EPS),
+    ):
+        assert q.shape == (2, 7, 64) and q.dtype == torch.float8_e4m3fn and q.is_meta
+        assert s.shape == (2, 7, 1) and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("D", DIMS)
 def test_qk_norm_rope_ref(D):
     L = 7
     q, k = randn(2, L, D, seed=1) * 3, randn(2, L, D, seed=2)
@@ -176,6 +207,11 @@ def test_wrappers_validate_shapes():
         rope.qk_norm_rope(x, x, shift[0], shift[0], *tables(7, 16)[:2], num_heads=3)
     with pytest.raises(ValueError):
         residual.residual_add_(x.bfloat16(), x, shift)
+    for fn in (norm.affine_layer_norm, norm.affine_layer_norm_fp8):
+        with pytest.raises(ValueError, match="do not fit"):
+            fn(x, shift[0], shift[0, :32])
+        with pytest.raises(ValueError):
+            fn(x[0], shift[0], shift[0])
 
 
 def test_modulation_shapes_broadcast():
@@ -310,7 +346,10 @@ def test_cuda_backend_covers_its_ops_and_triton_the_rest(fake_kernel_backends):
     # `lx2v info` prints the reason: it names each backend's ops
     cuda_part, triton_part = report["reason"].split("; ")
     assert cuda_part == "cuda for adaln_fp8, rms_norm, qk_norm_rope — csrc status"
-    assert triton_part == "triton for adaln, affine_layer_norm, gated_residual_ — triton status"
+    assert triton_part == (
+        "triton for adaln, affine_layer_norm, affine_layer_norm_fp8, gated_residual_ — "
+        "triton status"
+    )
     assert dispatch.set_kernel_backend("cuda") == "cuda"
     assert dispatch.set_kernel_backend("triton") == "triton"
     assert {dispatch.op_backend(op) for op in dispatch.FUSED_OPS} == {"triton"}
@@ -367,6 +406,7 @@ def op_cases():
         "adaln": (torch.ops.lx2v.adaln, (x, shift, scale, EPS, torch.bfloat16)),
         "adaln_fp8": (torch.ops.lx2v.adaln_fp8, (x, shift, scale, EPS)),
         "affine_layer_norm": (torch.ops.lx2v.affine_layer_norm, (x, w, b, EPS, torch.bfloat16)),
+        "affine_layer_norm_fp8": (torch.ops.lx2v.affine_layer_norm_fp8, (x, w, b, EPS)),
         "rms_norm": (torch.ops.lx2v.rms_norm, (xb, w, EPS)),
         "qk_norm_rope": (
             torch.ops.lx2v.qk_norm_rope, (xb, xb * 2, w, b, cos, sin, 64 // HEAD_DIM, EPS)
@@ -385,7 +425,9 @@ def test_residual_schema_marks_the_write():
     (arg_x, arg_y, arg_gate) = torch.ops.lx2v.gated_residual_.default._schema.arguments
     assert arg_x.alias_info is not None and arg_x.alias_info.is_write
     assert arg_y.alias_info is None and arg_gate.alias_info is None
-    for name in ("adaln", "adaln_fp8", "affine_layer_norm", "rms_norm", "qk_norm_rope"):
+    for name in dispatch.FUSED_OPS:
+        if name == "gated_residual_":
+            continue
         schema = getattr(torch.ops.lx2v, name).default._schema
         assert all(a.alias_info is None for a in schema.arguments), name
 
@@ -400,7 +442,8 @@ def block_through_ops(x, e, cos, sin, wq, wk, w3, b3):
     h = torch.ops.lx2v.affine_layer_norm(x, w3, b3, EPS, torch.bfloat16)
     x = x + torch.ops.lx2v.rms_norm(h, wq, EPS).float()
     q8, s8 = torch.ops.lx2v.adaln_fp8(x, shift, scale, EPS)
-    return x, q8.float() * s8
+    q3, s3 = torch.ops.lx2v.affine_layer_norm_fp8(x, w3, b3, EPS)
+    return x, q8.float() * s8, q3.float() * s3
 
 
 def block_through_wrappers(x, e, cos, sin, wq, wk, w3, b3):
@@ -411,7 +454,8 @@ def block_through_wrappers(x, e, cos, sin, wq, wk, w3, b3):
     h = norm.affine_layer_norm(x, w3, b3)
     x = x + rope.rms_norm(h, wq).float()
     q8, s8 = norm.adaln_fp8(x, shift, scale)
-    return x, q8.float() * s8
+    q3, s3 = norm.affine_layer_norm_fp8(x, w3, b3)
+    return x, q8.float() * s8, q3.float() * s3
 
 
 def block_args():
@@ -576,6 +620,17 @@ def test_interpreted_adaln_fp8_scale(interpreted, D):
     q, s = poisoned((2, 33, D), torch.float8_e4m3fn), torch.full((2, 33, 1), float("nan"))
     interpreted["norm"].layer_norm(x, q, EPS, shift=shift, scale=scale, out_scale=s)
     _, s_ref = norm.adaln_fp8_ref(x, shift, scale)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert not q.float().isnan().any()
+
+
+@pytest.mark.parametrize("D", DIMS)
+def test_interpreted_affine_layer_norm_fp8_scale(interpreted, D):
+    x, _, _ = inputs(33, D, seed=D + 1)
+    w, b = randn(D, seed=1), randn(D, seed=2)
+    q, s = poisoned((2, 33, D), torch.float8_e4m3fn), torch.full((2, 33, 1), float("nan"))
+    interpreted["norm"].layer_norm(x, q, EPS, weight=w, bias=b, out_scale=s)
+    _, s_ref = norm.affine_layer_norm_fp8_ref(x, w, b)
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     assert not q.float().isnan().any()
 

@@ -4,6 +4,7 @@ CPU tests run everywhere; tests marked `cuda` compare the GPU backends (torch._s
 torch._int_mm) with the fp32 reference path on the GPU machine.
 """
 
+import collections
 import copy
 import logging
 
@@ -13,7 +14,10 @@ import torch.nn.functional as F
 
 from lightx2v.config import WanArch
 from lightx2v.errors import LX2VError
+from lightx2v.models.wan import dit
 from lightx2v.models.wan.dit import WanDiT
+from lightx2v.ops import dispatch
+from lightx2v.ops.norm import quantize_fp8_per_token
 from lightx2v.quant import linear as qlinear
 from lightx2v.quant.fp8 import (
     FP8_DTYPE,
@@ -183,6 +187,28 @@ def test_fused_from_linears_equals_parts():
     torch.testing.assert_close(fused(x), torch.cat(outs, -1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8linear_takes_a_quantized_pair(dtype):
+    """A (q, s) pair from a norm + FP8 op skips the linear's own quantization."""
+    q = FP8Linear.from_linears([_linear(dtype=dtype)], backend="ref")
+    assert q.takes_fp8_input
+    assert not getattr(Int8Linear.from_linears([_linear()]), "takes_fp8_input", False)
+    xq, xs = quantize_fp8_per_token(torch.randn(3, 7, 64) * 2)  # [3, 7, 64], [3, 7, 1]
+    out = q((xq, xs))
+    assert out.shape == (3, 7, 96) and out.dtype == dtype  # the bias's: the compute dtype
+    direct = q.forward_quantized(xq.reshape(-1, 64), xs.reshape(-1, 1), dtype)
+    torch.testing.assert_close(out.reshape(-1, 96), direct, rtol=0, atol=0)
+    # Quantizing the dequantized input again gives back the same codes (its amax is 448·s),
+    # so the float path differs only by the output's rounding to dtype (bf16: ≤ 2^-9).
+    again = q(xq.float() * xs)
+    assert rel_l2(out, again) < (1e-6 if dtype == torch.float32 else 2**-8)
+    torch.testing.assert_close(q.forward_gelu((xq, xs)), F.gelu(out, approximate="tanh"))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        q((xq.float(), xs))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        q((xq, xs[..., 0]))
+
+
 def test_backend_selection(caplog):
     qlinear._logged.clear()
     with caplog.at_level(logging.WARNING, logger="lightx2v.quant"):
@@ -264,6 +290,112 @@ def test_cast_keeps_quantized_dtypes():
     with torch.no_grad():
         out = m(*model_inputs(arch))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the block hands its FP8 linears the norms' FP8 output (norm + quantization in one op)
+
+NORMS = ("adaln", "adaln_fp8", "affine_layer_norm", "affine_layer_norm_fp8")
+
+
+def count_norm_calls(monkeypatch) -> collections.Counter:
+    """Calls of the norm ops by WanBlock.forward (and Head: one adaln) from now on."""
+    calls = collections.Counter()
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name in NORMS:
+        monkeypatch.setattr(dit, name, counting(name, getattr(dit, name)))
+    return calls
+
+
+@pytest.fixture
+def kernel_backend():
+    """set_kernel_backend for the test; the backend asked for before comes back after."""
+    before = dispatch.requested_backend()
+    yield dispatch.set_kernel_backend
+    dispatch.set_kernel_backend(before)
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_block_norms_quantize_for_the_linears(task, dtype, monkeypatch, kernel_backend):
+    """adaLN1 → self_attn.qkv, norm3 → cross_attn.q, adaLN2 → ffn.0 as FP8 pairs; the
+    kernel backend "ref" keeps the unfused chain (bf16 norm, then the linear quantizes)."""
+    arch = tiny_arch(task, dim=128, ffn=256, layers=3)
+    m = random_model(arch, seed=5)
+    q = quantize_dit(copy.deepcopy(m), "fp8").cast(dtype)
+    inputs = model_inputs(arch)
+    with torch.no_grad():
+        truth = m(*inputs)
+        calls = count_norm_calls(monkeypatch)
+        fused = q(*inputs)
+        assert calls == {"adaln_fp8": 6, "affine_layer_norm_fp8": 3, "adaln": 1}  # 1: the head
+        calls.clear()
+        kernel_backend("ref")
+        unfused = q(*inputs)
+        assert calls == {"adaln": 7, "affine_layer_norm": 3}
+    # Both quantize the same normed values; unfused rounds them to dtype first (bf16: 2^-9
+    # moves a few values to the next FP8 code), fused quantizes the fp32 norm directly.
+    # Measured (rel-L2 vs the fp32 model): fused 0.98-1.01x unfused's ~1.0-1.3e-2 error,
+    # the two ≤ 0.36x that error apart (bf16; fp32: ≤ 0.06x).
+    err_fused, err_unfused = rel_l2(fused, truth), rel_l2(unfused, truth)
+    assert err_fused <= 1.05 * err_unfused, (err_fused, err_unfused)
+    assert 0 < rel_l2(fused, unfused) <= 0.5 * err_unfused, (rel_l2(fused, unfused), err_unfused)
+
+
+def test_only_fp8_linears_get_fp8_norms(monkeypatch):
+    arch = tiny_arch(layers=3)
+    inputs = model_inputs(arch)
+    calls = count_norm_calls(monkeypatch)
+    kept = quantize_dit(random_model(arch), "fp8", keep_blocks=[1])
+    for model, want in [
+        (kept, {"adaln_fp8": 4, "affine_layer_norm_fp8": 2, "adaln": 3, "affine_layer_norm": 1}),
+        (quantize_dit(random_model(arch), "int8"), {"adaln": 7, "affine_layer_norm": 3}),
+        (random_model(arch), {"adaln": 7, "affine_layer_norm": 3}),  # unfused q, k, v
+    ]:
+        calls.clear()
+        with torch.no_grad():
+            model(*inputs)
+        assert calls == want
+
+
+def block_and_inputs(model: WanDiT, arch: WanArch):
+    """Block 0 of a built model and the arguments of its forward, as DiTRunner makes them."""
+    x, t, ctx, clip, y = model_inputs(arch)
+    with torch.no_grad():
+        tokens, grid = model.patchify(x if y is None else torch.cat([x, y], 1))
+        cos, sin = model.rope(grid, tokens.device)
+        _, e = model.embed_time(t)
+        kv = model.blocks[0].cross_attn.kv(*model.embed_context(ctx, clip))
+    return model.blocks[0], (tokens, e, cos, sin, kv)
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_compiled_fp8_block_equals_eager(task, kernel_backend):
+    """fullgraph compile of the block with the FP8 pairs; the backend switch is guarded."""
+    arch = tiny_arch(task, dim=128, ffn=256, layers=1)
+    model = quantize_dit(random_model(arch, seed=3), "fp8").cast(torch.bfloat16)
+    block, (x, *args) = block_and_inputs(model, arch)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = block(x.clone(), *args)
+        x_c = x.clone()
+        out = compiled(x_c, *args)
+        torch.testing.assert_close(x_c, out)  # the in-place update reached the caller
+        torch.testing.assert_close(out, eager)
+        kernel_backend("ref")
+        unfused = block(x.clone(), *args)
+        out_ref = compiled(x.clone(), *args)  # recompiled for the other path
+    torch.testing.assert_close(out_ref, unfused)
+    with pytest.raises(AssertionError):  # the same tolerance tells the two paths apart
+        torch.testing.assert_close(eager, unfused)
 
 
 def test_meta_model_gets_empty_modules():
@@ -373,3 +505,17 @@ def test_forward_quantized_matches_forward():
     x = torch.randn(37, 256, device="cuda").bfloat16()
     xq, xs = qlinear.per_token_quant_fp8(x)
     assert torch.equal(q.forward_quantized(xq, xs), q(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _fp8_gpu_ok(), reason="needs a CUDA GPU with FP8 (cc >= 8.9)")
+def test_quantized_pair_input_cuda():
+    lin = _linear(256, 512, dtype=torch.bfloat16, device="cuda")
+    q = FP8Linear.from_linears([lin], backend="scaled_mm")
+    xq, xs = quantize_fp8_per_token(torch.randn(2, 37, 256, device="cuda"))
+    out = q((xq, xs))
+    assert out.shape == (2, 37, 512) and out.dtype == torch.bfloat16
+    direct = q.forward_quantized(xq.view(-1, 256), xs.view(-1, 1))
+    assert torch.equal(out.view(-1, 512), direct)
+    # the fused GELU epilogue (H100/H200) skips the bf16 rounding of y: ≤ bf16 rounding apart
+    assert rel_l2(q.forward_gelu((xq, xs)), F.gelu(out.float(), approximate="tanh")) < 4e-3

@@ -3,8 +3,11 @@
     PYTHONPATH=. python3 tools/bench_block.py [--json out.json] [--size 480p|720p]
 
 Rows (random weights, bf16 compute, batch 1, median CUDA-event time of repeated calls):
-  before      plain PyTorch ops for norm/modulation/RoPE/residual (LX2V_KERNELS=ref), eager
-  kernels     our fused ops (the best backend loaded: csrc CUDA → Triton), eager
+  before      plain PyTorch ops for norm/modulation/RoPE/residual (LX2V_KERNELS=ref), eager;
+              FP8: the norms write bf16 and each FP8 linear quantizes its own input
+  kernels     our fused ops (the best backend loaded: csrc CUDA → Triton), eager; FP8: the
+              norms before qkv, cross-attention q and ffn.0 write FP8 for them (adaln_fp8,
+              affine_layer_norm_fp8)
   compiled    the block under torch.compile(fullgraph=True) (inductor fuses the references,
               see lightx2v/ops/dispatch.py on why our ops defer to it inside a graph)
               (the default policy: lightx2v._C's ops stay in the graph as custom ops)

@@ -9,10 +9,12 @@ Backends, best first, chosen per op:
 
 `LX2V_KERNELS` (auto | cuda | triton | ref, default auto) or `set_kernel_backend` choose:
 "cuda" = csrc where it exists, Triton for the rest; "triton" = Triton for all; "ref" = the
-references. "auto" takes the best available for each op and says so in one log line when
-it falls back (a warning when a CUDA device is present, since that costs speed; debug on
-a CPU-only machine, where there is nothing to accelerate). Asking for a backend that is
-missing is an LX2VError naming the reason.
+references, and the unfused chain where a fusion reaches into the FP8 linears (the norm
+that quantizes for the next linear: WanBlock; the GEMM epilogues: gemm.py), so that "ref"
+is the "before" of an A/B comparison. "auto" takes the best available for each op and says
+so in one log line when it falls back (a warning when a CUDA device is present, since that
+costs speed; debug on a CPU-only machine, where there is nothing to accelerate). Asking for
+a backend that is missing is an LX2VError naming the reason.
 
 Each op is a torch.library custom op (namespace `lx2v`) whose default implementation is
 its reference and whose CUDA implementation runs the op's backend (`cuda_impl`). The Python
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("cuda", "triton", "ref")
 FUSED_OPS = (
-    "adaln", "adaln_fp8", "affine_layer_norm", "rms_norm", "qk_norm_rope", "gated_residual_",
+    "adaln", "adaln_fp8", "affine_layer_norm", "affine_layer_norm_fp8", "rms_norm",
+    "qk_norm_rope", "gated_residual_",
 )  # fmt: skip
 # The fused ops with a csrc kernel: the three the Triton kernels leave furthest below copy
 # bandwidth (H200, 32760 × 5120: rms_norm 79%, qk_norm_rope 68%, adaln_fp8 60%).

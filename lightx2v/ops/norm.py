@@ -5,6 +5,11 @@
                                          with h ≈ q · s, s = max(amax_row |h|, 1e-12) / 448,
                                          q = h · (448 / amax) rounded to nearest
     affine_layer_norm(x, weight, bias) = LN(x) · weight + bias, cast to out_dtype
+    affine_layer_norm_fp8(x, w, b)     = the same, as q and s quantized like adaln_fp8
+
+The FP8 variants feed an FP8 linear directly (FP8Linear takes the (q, s) pair): the norm
+writes 1 byte per element instead of 2, and the linear skips its per-token quantization
+(another read of the bf16 activation and write of its FP8 copy).
 
 LN is affine-free: mean and variance over the last dim in fp32, eps inside the root.
 Shapes: x [B, L, D] (the fp32 residual stream; any float dtype and any batch/row strides);
@@ -51,16 +56,27 @@ def adaln_fp8_ref(x, shift, scale, eps: float = 1e-6):
     return quantize_fp8_per_token(adaln_fp32(x, shift, scale, eps))
 
 
+def affine_layer_norm_fp32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LN(x) · weight + bias in fp32, [B, L, D] with [D] weight and bias."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+
+
 def affine_layer_norm_ref(
     x, weight, bias, eps: float = 1e-6, out_dtype: torch.dtype = torch.bfloat16
 ):
-    h = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
-    return h.to(out_dtype)
+    return affine_layer_norm_fp32(x, weight, bias, eps).to(out_dtype)
+
+
+def affine_layer_norm_fp8_ref(x, weight, bias, eps: float = 1e-6):
+    return quantize_fp8_per_token(affine_layer_norm_fp32(x, weight, bias, eps))
 
 
 # ---------------------------------------------------------------------------------------
 # custom ops: the reference by default; on CUDA the op's backend (dispatch.cuda_impl):
-# the csrc kernel (adaln_fp8), else the Triton kernel, else the reference
+# the csrc kernel (where dispatch.CUDA_OPS lists the op), else the Triton kernel, else the
+# reference
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -147,6 +163,38 @@ def _(x, weight, bias, eps, out_dtype):
     return out
 
 
+@torch.library.custom_op("lx2v::affine_layer_norm_fp8", mutates_args=())
+def _affine_layer_norm_fp8_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return affine_layer_norm_fp8_ref(x, weight, bias, eps)
+
+
+@_affine_layer_norm_fp8_op.register_fake
+def _(x, weight, bias, eps):
+    return (
+        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+    )
+
+
+@_affine_layer_norm_fp8_op.register_kernel("cuda")
+def _(x, weight, bias, eps):
+    impl = cuda_impl("affine_layer_norm_fp8", x)
+    if impl == "cuda":
+        return csrc().affine_layer_norm_fp8(x, weight, bias, eps)
+    if impl == "ref":
+        return affine_layer_norm_fp8_ref(x, weight, bias, eps)
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if out.numel():
+        kernel_module("norm").layer_norm(
+            _unit_last(x), out, eps,
+            weight=weight.contiguous(), bias=bias.contiguous(), out_scale=out_scale,
+        )  # fmt: skip
+    return out, out_scale
+
+
 # ---------------------------------------------------------------------------------------
 # the API the model calls
 
@@ -154,6 +202,13 @@ def _(x, weight, bias, eps, out_dtype):
 def _check_x(x: torch.Tensor) -> None:
     if x.dim() != 3 or not x.dtype.is_floating_point:
         raise ValueError(f"expected x [B, L, D] floating point, got {tuple(x.shape)} {x.dtype}")
+
+
+def _check_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    _check_x(x)
+    D = x.shape[-1]
+    if weight.shape != (D,) or bias.shape != (D,):
+        raise ValueError(f"weight/bias {tuple(weight.shape)}/{tuple(bias.shape)} do not fit D={D}")
 
 
 def _modulation(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -203,10 +258,20 @@ def affine_layer_norm(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """LN(x) · weight + bias, fp32 inside, cast to out_dtype: [B, L, D]."""
-    _check_x(x)
-    D = x.shape[-1]
-    if weight.shape != (D,) or bias.shape != (D,):
-        raise ValueError(f"weight/bias {tuple(weight.shape)}/{tuple(bias.shape)} do not fit D={D}")
+    _check_affine(x, weight, bias)
     if use_kernels(x, "affine_layer_norm"):
         return torch.ops.lx2v.affine_layer_norm(x, weight, bias, eps, out_dtype)
     return affine_layer_norm_ref(x, weight, bias, eps, out_dtype)
+
+
+def affine_layer_norm_fp8(
+    x: torch.Tensor,  # [B, L, D]
+    weight: torch.Tensor,  # [D]
+    bias: torch.Tensor,  # [D]
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine LayerNorm quantized per token: (q float8_e4m3fn [B, L, D], s fp32 [B, L, 1])."""
+    _check_affine(x, weight, bias)
+    if use_kernels(x, "affine_layer_norm_fp8"):
+        return torch.ops.lx2v.affine_layer_norm_fp8(x, weight, bias, eps)
+    return affine_layer_norm_fp8_ref(x, weight, bias, eps)

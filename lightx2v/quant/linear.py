@@ -2,7 +2,9 @@
 
 FP8Linear (W8A8, float8_e4m3fn) and Int8Linear (W8A8, int8) hold a quantized weight
 [N, K] with one fp32 scale per output channel (see fp8.py for the recipes) and quantize
-their input per token on every call. Backends, chosen once when the module is built:
+their input per token on every call. FP8Linear also takes an input the norm before it has
+already quantized per token, a (q, s) pair (`takes_fp8_input`; WanBlock uses the fused
+norm + FP8 ops then). Backends, chosen once when the module is built:
 
   FP8   "scaled_mm"  torch._scaled_mm with rowwise scales, CUDA compute capability >= 8.9
         "sgl"        sgl_kernel.fp8_scaled_mm, only if sgl_kernel imports (optional)
@@ -35,11 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightx2v.errors import LX2VError
-from lightx2v.models.wan.dit import CrossAttention, SelfAttention, WanDiT
+from lightx2v.models.wan.dit import CrossAttention, FP8Tokens, SelfAttention, WanDiT
 from lightx2v.ops import gemm
 from lightx2v.ops.residual import residual_add_
 from lightx2v.quant.fp8 import (
     FP8_DTYPE,
+    dequantize_weight,
     quantize_per_token,
     quantize_rows_fp8,
     quantize_weight,
@@ -282,19 +285,58 @@ class QuantLinear(nn.Module):
 
 
 class FP8Linear(QuantLinear):
+    """W8A8 FP8 linear. Its input x [..., K] is either a float tensor, quantized per token
+    here, or a pair (q float8_e4m3fn [..., K], s fp32 [..., 1]) already quantized per token
+    by the norm before it (lightx2v/ops/norm.py: adaln_fp8, affine_layer_norm_fp8), used
+    as it is. The output of a pair has the bias's dtype (the model's compute dtype, see
+    `_apply`), or bf16 without a bias."""
+
     scheme = "fp8"
     qdtype = FP8_DTYPE
+
+    @property
+    def takes_fp8_input(self) -> bool:
+        """forward, forward_gelu and forward_residual_ take a (q, s) pair (WanBlock asks)."""
+        return self.backend in FP8_BACKENDS  # each has a GEMM on per-token FP8 (_gemm)
+
+    def forward(self, x: torch.Tensor | FP8Tokens) -> torch.Tensor:
+        if not isinstance(x, tuple):
+            return super().forward(x)
+        xq, xs, lead, dtype = self._quantized_input(x)
+        return self.forward_quantized(xq, xs, dtype).reshape(*lead, self.out_features)
 
     def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype=torch.bfloat16):
         """The GEMM on an input already quantized per token (e.g. by a fused norm + FP8
         kernel): xq [M, K] float8_e4m3fn row-major, xs [M, 1] fp32 → [M, N] out_dtype."""
-        if self.backend != "scaled_mm":
-            xf = xq.float() * xs
-            y = xf @ (self.weight.float() * self.weight_scale[:, None]).t()
-            return (y if self.bias is None else y + self.bias.float()).to(out_dtype)
-        y = gemm.scaled_mm(xq, xs, self.weight, self.weight_scale, self.bias,
-                           use_fast_accum=self.use_fast_accum)  # fmt: skip
-        return y.to(out_dtype)
+        return self._gemm(xq, xs).to(out_dtype)
+
+    def _quantized_input(self, x: torch.Tensor | FP8Tokens):
+        """x [..., K] or a (q, s) pair → (q [M, K], s [M, 1], x's leading shape, out dtype)."""
+        if isinstance(x, tuple):
+            xq, xs = x
+            if xq.dtype != FP8_DTYPE or xs.shape != (*xq.shape[:-1], 1):
+                raise ValueError(
+                    f"expected (q float8_e4m3fn [..., K], s [..., 1]), got q "
+                    f"{tuple(xq.shape)} {xq.dtype}, s {tuple(xs.shape)}"
+                )
+            dtype = torch.bfloat16 if self.bias is None else self.bias.dtype
+            q2 = xq.reshape(-1, xq.shape[-1]).contiguous()  # the GEMMs take row-major a
+            return q2, xs.reshape(-1, 1).float(), xq.shape[:-1], dtype
+        xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
+        return xq, xs, x.shape[:-1], x.dtype
+
+    def _gemm(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """(xq · xs) @ (weight · weight_scale)ᵀ + bias: [M, N], bf16 (fp32 on "ref")."""
+        if self.backend == "scaled_mm":
+            return gemm.scaled_mm(xq, xs, self.weight, self.weight_scale, self.bias,
+                                  use_fast_accum=self.use_fast_accum)  # fmt: skip
+        if self.backend == "sgl":
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            return _sgl_fp8_mm()(xq, self.weight.t(), xs, self.weight_scale, torch.bfloat16, bias)
+        if self.backend == "ref":  # scaled_linear_ref's product, on these operands
+            y = (xq.float() * xs) @ dequantize_weight(self.weight, self.weight_scale).t()
+            return y if self.bias is None else y + self.bias.float()
+        raise LX2VError(f"unknown fp8 linear backend {self.backend!r}")
 
     # Epilogue fusion (lightx2v/ops/gemm.py): on the scaled_mm backend the GELU of the FFN
     # up-projection and the gated residual after the attention-output and FFN-down
@@ -303,22 +345,22 @@ class FP8Linear(QuantLinear):
     def _fuses_epilogues(self) -> bool:
         return self.backend == "scaled_mm" and self.use_fast_accum is True
 
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu_tanh(self(x)), in x's dtype."""
+    def forward_gelu(self, x: torch.Tensor | FP8Tokens) -> torch.Tensor:
+        """gelu_tanh(self(x)), in self(x)'s dtype."""
         if not self._fuses_epilogues():
             return F.gelu(self(x), approximate="tanh")
-        xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
+        xq, xs, lead, dtype = self._quantized_input(x)
         y = gemm.fp8_linear_gelu(xq, xs, self.weight, self.weight_scale, self.bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y.to(dtype).reshape(*lead, self.out_features)
 
     def forward_residual_(
-        self, res: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None
+        self, res: torch.Tensor, x: torch.Tensor | FP8Tokens, gate: torch.Tensor | None = None
     ) -> torch.Tensor:
         """res += gate · self(x) (res the fp32 residual stream [B, L, N], gate [B, N] or
         None), in place; returns res."""
         if not self._fuses_epilogues():
             return residual_add_(res, self(x), gate)
-        xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
+        xq, xs, _, _ = self._quantized_input(x)
         return gemm.fp8_linear_residual_(
             res, xq, xs, self.weight, self.weight_scale, self.bias, gate
         )
@@ -327,13 +369,7 @@ class FP8Linear(QuantLinear):
         if self.backend == "ref":
             return scaled_linear_ref(x2, self.weight, self.weight_scale, self.bias, "fp8")
         xq, xs = per_token_quant_fp8(x2.contiguous())
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        if self.backend == "scaled_mm":
-            return gemm.scaled_mm(xq, xs, self.weight, self.weight_scale, self.bias,
-                                  use_fast_accum=self.use_fast_accum)  # fmt: skip
-        if self.backend == "sgl":
-            return _sgl_fp8_mm()(xq, self.weight.t(), xs, self.weight_scale, torch.bfloat16, bias)
-        raise LX2VError(f"unknown fp8 linear backend {self.backend!r}")
+        return self._gemm(xq, xs)
 
 
 class Int8Linear(QuantLinear):

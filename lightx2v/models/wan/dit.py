@@ -25,12 +25,16 @@ from torch import nn
 
 from lightx2v.config import WanArch
 from lightx2v.ops.attention import attention
-from lightx2v.ops.norm import adaln, affine_layer_norm
+from lightx2v.ops.dispatch import requested_backend
+from lightx2v.ops.norm import adaln, adaln_fp8, affine_layer_norm, affine_layer_norm_fp8
 from lightx2v.ops.residual import residual_add_
 from lightx2v.ops.rope import qk_norm_rope
 
 # text k, v (+ image k, v for I2V), each [B, T|I, N, Dh]
 CrossKV = tuple[torch.Tensor, ...]
+# a normed activation quantized per token for an FP8 linear: q float8_e4m3fn [B, L, D] and
+# s fp32 [B, L, 1], h ≈ q · s (lightx2v/ops/norm.py)
+FP8Tokens = tuple[torch.Tensor, torch.Tensor]
 
 # ---------------------------------------------------------------------------------------
 # position and time encodings
@@ -107,11 +111,16 @@ class _Attention(nn.Module):
 
 
 class SelfAttention(_Attention):
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(
+        self, x: torch.Tensor | FP8Tokens
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q(x), self.k(x), self.v(x)
 
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The attention output before the projection `o`: [B, L, D]."""
+    def attend(
+        self, x: torch.Tensor | FP8Tokens, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention output before the projection `o`: [B, L, D]. x is the normed input,
+        or its FP8 pair where the projection takes one (WanBlock decides)."""
         q, k, v = self.project_qkv(x)  # [B, L, D] each (slices of one fused output are fine)
         eps = self.norm_q.eps
         q, k = qk_norm_rope(
@@ -154,8 +163,8 @@ class CrossAttention(_Attention):
             kv += (self.norm_k_img(k_img).unflatten(-1, heads), v_img.unflatten(-1, heads))
         return kv
 
-    def attend(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
-        """The attention output before the projection `o`: [B, L, D]."""
+    def attend(self, x: torch.Tensor | FP8Tokens, kv: CrossKV) -> torch.Tensor:
+        """The attention output before the projection `o`: [B, L, D] (x as SelfAttention's)."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
         out = attention(q, kv[0], kv[1])
         if len(kv) == 4:  # I2V: image tokens attended separately, outputs summed
@@ -176,7 +185,16 @@ class FeedForward(nn.Sequential):
 
 
 class WanBlock(nn.Module):
-    """x += gate·SelfAttn(mod(LN(x))); x += CrossAttn(LN'(x)); x += gate·FFN(mod(LN(x)))."""
+    """x += gate·SelfAttn(mod(LN(x))); x += CrossAttn(LN'(x)); x += gate·FFN(mod(LN(x))).
+
+    Each norm writes its output in the compute dtype, or, where the linear that reads it
+    takes per-token FP8 input (FP8Linear: self_attn.qkv, cross_attn.q, ffn.0 after
+    quantize_dit), as that FP8 pair directly (adaln_fp8, affine_layer_norm_fp8): one pass
+    instead of a norm then the linear's own quantization, and no bf16 rounding before the
+    quantization. The kernel backend "ref" (LX2V_KERNELS=ref, set_kernel_backend("ref"))
+    keeps the unfused chain instead, as it does for the FP8 GEMM epilogues: the "before" of
+    an A/B comparison.
+    """
 
     def __init__(self, arch: WanArch):
         super().__init__()
@@ -200,14 +218,32 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)
         # x is updated in place (fused gated residual): callers that keep a block's input
         # must copy it first
-        h = adaln(x, shift1, scale1, self.eps, dt)
-        x = linear_residual_(x, self.self_attn.o, self.self_attn.attend(h, cos, sin), gate1)
-        h = affine_layer_norm(x, self.norm3.weight, self.norm3.bias, self.eps, dt)
-        x = linear_residual_(x, self.cross_attn.o, self.cross_attn.attend(h, cross_kv))
-        h = adaln(x, shift2, scale2, self.eps, dt)
         up, act, down = self.ffn
+        # FP8 linears come with quantize_dit, which fuses q, k, v into one `qkv` (None: the
+        # plain SelfAttention, high precision)
+        qkv = getattr(self.self_attn, "qkv", None)
+        h = self._adaln(x, shift1, scale1, qkv, dt)
+        x = linear_residual_(x, self.self_attn.o, self.self_attn.attend(h, cos, sin), gate1)
+        w3, b3 = self.norm3.weight, self.norm3.bias
+        if fp8_input(self.cross_attn.q):
+            h = affine_layer_norm_fp8(x, w3, b3, self.eps)
+        else:
+            h = affine_layer_norm(x, w3, b3, self.eps, dt)
+        x = linear_residual_(x, self.cross_attn.o, self.cross_attn.attend(h, cross_kv))
+        h = self._adaln(x, shift2, scale2, up, dt)
         h = up.forward_gelu(h) if hasattr(up, "forward_gelu") else act(up(h))
         return linear_residual_(x, down, h, gate2)
+
+    def _adaln(self, x, shift, scale, linear: nn.Module | None, dt) -> torch.Tensor | FP8Tokens:
+        """adaLN of x for `linear`: its FP8 pair where it takes one, else in dt."""
+        if fp8_input(linear):
+            return adaln_fp8(x, shift, scale, self.eps)
+        return adaln(x, shift, scale, self.eps, dt)
+
+
+def fp8_input(linear: nn.Module | None) -> bool:
+    """Whether the norm before `linear` hands it a per-token FP8 pair (see WanBlock)."""
+    return getattr(linear, "takes_fp8_input", False) and requested_backend() != "ref"
 
 
 def linear_residual_(
