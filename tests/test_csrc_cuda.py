@@ -263,6 +263,12 @@ def op_cases():
             (torch.empty(2, L, D, device=DEV).to(torch.float8_e4m3fn),
              torch.empty(2, L, 1, device=DEV), x32, shift, scale, EPS),
         ),
+        "affine_layer_norm_fp8": (  # the same kernel with the norm's weight and bias
+            C.adaln_fp8.default,
+            (torch.empty(2, L, D, device=DEV).to(torch.float8_e4m3fn),
+             torch.empty(2, L, 1, device=DEV), x32, w[None].expand(2, D),
+             (w * 0.1)[None].expand(2, D), EPS, True),
+        ),
     }  # fmt: skip
 
 
@@ -270,7 +276,7 @@ def op_cases():
 def test_opcheck(name):
     op, args = op_cases()[name]
     utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]  # fmt: skip
-    if name == "adaln_fp8":
+    if name in ("adaln_fp8", "affine_layer_norm_fp8"):
         # test_schema compares each written argument before and after with allclose, which
         # has no float8 kernel; the marks themselves are checked by the next test.
         utils.remove("test_schema")

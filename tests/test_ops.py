@@ -345,11 +345,10 @@ def test_cuda_backend_covers_its_ops_and_triton_the_rest(fake_kernel_backends):
     assert report["ops"] == {op: dispatch.op_backend(op) for op in dispatch.FUSED_OPS}
     # `lx2v info` prints the reason: it names each backend's ops
     cuda_part, triton_part = report["reason"].split("; ")
-    assert cuda_part == "cuda for adaln_fp8, rms_norm, qk_norm_rope — csrc status"
-    assert triton_part == (
-        "triton for adaln, affine_layer_norm, affine_layer_norm_fp8, gated_residual_ — "
-        "triton status"
+    assert cuda_part == (
+        "cuda for adaln_fp8, affine_layer_norm_fp8, rms_norm, qk_norm_rope — csrc status"
     )
+    assert triton_part == ("triton for adaln, affine_layer_norm, gated_residual_ — triton status")
     assert dispatch.set_kernel_backend("cuda") == "cuda"
     assert dispatch.set_kernel_backend("triton") == "triton"
     assert {dispatch.op_backend(op) for op in dispatch.FUSED_OPS} == {"triton"}

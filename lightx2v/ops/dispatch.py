@@ -40,9 +40,10 @@ FUSED_OPS = (
     "adaln", "adaln_fp8", "affine_layer_norm", "affine_layer_norm_fp8", "rms_norm",
     "qk_norm_rope", "gated_residual_",
 )  # fmt: skip
-# The fused ops with a csrc kernel: the three the Triton kernels leave furthest below copy
-# bandwidth (H200, 32760 × 5120: rms_norm 79%, qk_norm_rope 68%, adaln_fp8 60%).
-CUDA_OPS = ("adaln_fp8", "qk_norm_rope", "rms_norm")
+# The fused ops with a csrc kernel: those the Triton kernels leave furthest below copy
+# bandwidth (H200, 32760 × 5120: rms_norm 79%, qk_norm_rope 68%, adaln_fp8 60%); the affine
+# LayerNorm → FP8 is the adaln_fp8 kernel with weight and bias for the modulation.
+CUDA_OPS = ("adaln_fp8", "affine_layer_norm_fp8", "qk_norm_rope", "rms_norm")
 
 
 def kernels_package() -> ModuleType:
