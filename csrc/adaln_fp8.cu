@@ -14,6 +14,7 @@
 // registers, which would cut the rows resident per SM.
 
 #include <cstdlib>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -78,7 +79,14 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Ar
       // row's first value. Shifting keeps Σd² − (Σd)²/D from cancelling on rows with a
       // large mean; the pivot is one sample of the row, so (mean − pivot)² is of the
       // order of the variance unless the first channel is an outlier.
-      const float pivot = static_cast<float>(x[0]);
+      float pivot;
+      if constexpr (sizeof(T) == 4) {
+        pivot = x[0];
+      } else if constexpr (std::is_same_v<T, __half>) {
+        pivot = __half2float(x[0]);
+      } else {
+        pivot = __bfloat162float(x[0]);
+      }
       float s1 = 0.f, s2 = 0.f;
 #pragma unroll
       for (int c = 0; c < C; ++c) {
