@@ -244,7 +244,8 @@ def test_fused_block_compiled_equals_eager_and_block(task):
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_fp8_block_fused_norm_quant(task):
     """An FP8 block (quantize_dit, _scaled_mm) whose norms write the FP8 pairs its linears
-    take: eager vs compiled (fullgraph) vs the unfused chain (kernel backend "ref")."""
+    take (eager) vs compiled (fullgraph: the unfused chain, fused by inductor) vs the
+    unfused chain in eager (kernel backend "ref")."""
     arch = WanArch(task, dim=1536, ffn_dim=8960, num_heads=12, num_layers=1)
     grid = (3, 30, 52)
     model = WanDiT(arch)  # a holder for quantize_dit: only its block runs

@@ -7,7 +7,8 @@ Rows (random weights, bf16 compute, batch 1, median CUDA-event time of repeated 
               FP8: the norms write bf16 and each FP8 linear quantizes its own input
   kernels     our fused ops (the best backend loaded: csrc CUDA → Triton), eager; FP8: the
               norms before qkv, cross-attention q and ffn.0 write FP8 for them (adaln_fp8,
-              affine_layer_norm_fp8)
+              affine_layer_norm_fp8; eager only: compiled graphs keep the bf16 norms and
+              inductor fuses them with the quantization, see dit.fp8_input)
   compiled    the block under torch.compile(fullgraph=True) (inductor fuses the references,
               see lightx2v/ops/dispatch.py on why our ops defer to it inside a graph)
               (the default policy: lightx2v._C's ops stay in the graph as custom ops)

@@ -191,9 +191,9 @@ class WanBlock(nn.Module):
     takes per-token FP8 input (FP8Linear: self_attn.qkv, cross_attn.q, ffn.0 after
     quantize_dit), as that FP8 pair directly (adaln_fp8, affine_layer_norm_fp8): one pass
     instead of a norm then the linear's own quantization, and no bf16 rounding before the
-    quantization. The kernel backend "ref" (LX2V_KERNELS=ref, set_kernel_backend("ref"))
-    keeps the unfused chain instead, as it does for the FP8 GEMM epilogues: the "before" of
-    an A/B comparison.
+    quantization. Under torch.compile, and with the kernel backend "ref" (LX2V_KERNELS=ref,
+    set_kernel_backend("ref"): the "before" of an A/B comparison, as for the FP8 GEMM
+    epilogues), the block keeps the unfused chain (see fp8_input).
     """
 
     def __init__(self, arch: WanArch):
@@ -242,8 +242,17 @@ class WanBlock(nn.Module):
 
 
 def fp8_input(linear: nn.Module | None) -> bool:
-    """Whether the norm before `linear` hands it a per-token FP8 pair (see WanBlock)."""
-    return getattr(linear, "takes_fp8_input", False) and requested_backend() != "ref"
+    """Whether the norm before `linear` hands it a per-token FP8 pair (see WanBlock).
+
+    Eager only. Inside a compiled graph the norm writes the compute dtype and inductor
+    fuses it with the linear's quantization into one kernel by itself, which measured
+    faster than its fusion of the fp32 pair definition (one 14B I2V FP8 block, H200,
+    2026-11-28: 58.49 vs 58.95 ms compiled; eager, where the csrc kernel writes the pair,
+    66.49 vs 67.02 ms the other way round; tools/bench_block.py).
+    """
+    if torch.compiler.is_compiling() or requested_backend() == "ref":
+        return False
+    return getattr(linear, "takes_fp8_input", False)
 
 
 def linear_residual_(
