@@ -12,9 +12,14 @@
 // no precision on rows with a large mean (the residual stream has them). shift and scale
 // are re-read per token from L1/L2 (shared by the whole batch row) instead of being held in
 // registers, which would cut the rows resident per SM.
-
-#include <cstdlib>
-#include <type_traits>
+//
+// With args.affine the same kernel computes an affine LayerNorm quantized the same way,
+// h = (x − mean) · rsqrt(var + eps) · weight + bias, with weight and bias passed as scale
+// and shift (the norm before cross-attention).
+//
+// Tried and measured slower on an H200 (docs/BENCHMARKS.md): one reduction for both
+// moments about a pivot (also wrong on rows whose first channel is an outlier), loads with
+// an L2 prefetch hint, and double-buffering the next row through shared memory (cp.async).
 
 #include "common.cuh"
 
@@ -42,9 +47,7 @@ __device__ __forceinline__ void store_e4m3(uint8_t* p, const float* h, float mul
   }
 }
 
-// kVariant bits (A/B, LX2V_ADALN_FP8_VARIANT): 1 = shifted one-reduction statistics,
-// 2 = loads with an L2 prefetch hint.
-template <typename T, int kVariant>
+template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Args args) {
   constexpr int V = Chunk<T>::kElems;
   constexpr int C = Chunk<T>::kPerThread;
@@ -66,74 +69,31 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Ar
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int chunk = threadIdx.x + c * blockDim.x;
-      if (chunk < chunks) {
-        const uint4 raw = (kVariant & 2) != 0 ? load_chunk_prefetch(x + chunk * V)
-                                              : load_chunk_streaming(x + chunk * V);
-        unpack_chunk<T>(raw, v[c]);
-      }
+      if (chunk < chunks) unpack_chunk<T>(load_chunk_streaming(x + chunk * V), v[c]);
     }
 
-    float rstd;
-    if constexpr ((kVariant & 1) != 0) {
-      // One reduction for both moments, taken about a pivot that every thread has: the
-      // row's first value. Shifting keeps Σd² − (Σd)²/D from cancelling on rows with a
-      // large mean; the pivot is one sample of the row, so (mean − pivot)² is of the
-      // order of the variance unless the first channel is an outlier.
-      float pivot;
-      if constexpr (sizeof(T) == 4) {
-        pivot = x[0];
-      } else if constexpr (std::is_same_v<T, __half>) {
-        pivot = __half2float(x[0]);
-      } else {
-        pivot = __bfloat162float(x[0]);
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (threadIdx.x + c * blockDim.x < chunks) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) sum += v[c][i];
       }
-      float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        if (threadIdx.x + c * blockDim.x < chunks) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            v[c][i] = __fsub_rn(v[c][i], pivot);
-            s1 += v[c][i];
-            s2 = fmaf(v[c][i], v[c][i], s2);
-          }
-        }
-      }
-      const float2 t = block_reduce.sum2(s1, s2);
-      const float mean_d = __fdiv_rn(t.x, dim);
-      const float var = fmaxf(__fdiv_rn(t.y, dim) - mean_d * mean_d, 0.f);
-      rstd = rsqrtf(var + args.eps);
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        if (threadIdx.x + c * blockDim.x < chunks) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) v[c][i] = __fsub_rn(v[c][i], mean_d);
-        }
-      }
-    } else {
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        if (threadIdx.x + c * blockDim.x < chunks) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) sum += v[c][i];
-        }
-      }
-      const float mean = __fdiv_rn(block_reduce(sum, SumOp{}), dim);
-
-      float sum_sq = 0.f;
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        if (threadIdx.x + c * blockDim.x < chunks) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            v[c][i] = __fsub_rn(v[c][i], mean);
-            sum_sq = fmaf(v[c][i], v[c][i], sum_sq);
-          }
-        }
-      }
-      rstd = rsqrtf(__fdiv_rn(block_reduce(sum_sq, SumOp{}), dim) + args.eps);
     }
+    const float mean = __fdiv_rn(block_reduce(sum, SumOp{}), dim);
+
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (threadIdx.x + c * blockDim.x < chunks) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          v[c][i] = __fsub_rn(v[c][i], mean);
+          sum_sq = fmaf(v[c][i], v[c][i], sum_sq);
+        }
+      }
+    }
+    const float rstd = rsqrtf(__fdiv_rn(block_reduce(sum_sq, SumOp{}), dim) + args.eps);
 
     // h with the reference's roundings (no FMA contraction), so that h, and with it each
     // FP8 code, differs from the reference's only through the statistics.
@@ -170,25 +130,6 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fp8_kernel(const AdaLNFp8Ar
   }
 }
 
-// LX2V_ADALN_FP8_VARIANT=0..3 (A/B; default 0: two-pass statistics, streaming loads).
-int variant() {
-  static const int v = [] {
-    const char* e = std::getenv("LX2V_ADALN_FP8_VARIANT");
-    return e == nullptr ? 0 : std::atoi(e) & 3;
-  }();
-  return v;
-}
-
-template <typename T>
-auto* kernel_for(int v) {
-  switch (v) {
-    case 1: return adaln_fp8_kernel<T, 1>;
-    case 2: return adaln_fp8_kernel<T, 2>;
-    case 3: return adaln_fp8_kernel<T, 3>;
-    default: return adaln_fp8_kernel<T, 0>;
-  }
-}
-
 }  // namespace
 
 cudaError_t adaln_fp8(const AdaLNFp8Args& args, cudaStream_t stream) {
@@ -196,7 +137,7 @@ cudaError_t adaln_fp8(const AdaLNFp8Args& args, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   return with_type(args.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* kernel = kernel_for<T>(variant());
+    auto* kernel = adaln_fp8_kernel<T>;
     const int threads = row_threads(args.dim / Chunk<T>::kElems, Chunk<T>::kPerThread);
     kernel<<<resident_ctas(kernel, threads, rows), threads, 0, stream>>>(args);
     return cudaGetLastError();

@@ -75,15 +75,6 @@ __device__ __forceinline__ uint4 load_chunk_streaming(const void* p) {
   return __ldcs(reinterpret_cast<const uint4*>(p));
 }
 
-// The same, not cached in L1 and with a 256-byte L2 prefetch hint (A/B for adaln_fp8).
-__device__ __forceinline__ uint4 load_chunk_prefetch(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 // The kElems values of a loaded chunk, in fp32.
 template <typename T>
 __device__ __forceinline__ void unpack_chunk(const uint4& raw, float* out) {
@@ -182,24 +173,6 @@ class BlockAllReduce {
     if (lane == 0) partial[threadIdx.x >> 5] = v;
     __syncthreads();
     return warp_all_reduce(lane < warps ? partial[lane] : 0.f, op);
-  }
-
-  // Two sums with one barrier instead of two (CTAs of at most 16 warps, as kMaxThreads).
-  __device__ __forceinline__ float2 sum2(float a, float b) {
-    a = warp_all_reduce(a, SumOp{});
-    b = warp_all_reduce(b, SumOp{});
-    const int warps = blockDim.x >> 5;
-    if (warps == 1) return make_float2(a, b);
-    float* partial = scratch_[turn_];
-    turn_ ^= 1;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-      partial[warp] = a;
-      partial[16 + warp] = b;
-    }
-    __syncthreads();
-    return make_float2(warp_all_reduce(lane < warps ? partial[lane] : 0.f, SumOp{}),
-                       warp_all_reduce(lane < warps ? partial[16 + lane] : 0.f, SumOp{}));
   }
 
  private:
