@@ -171,7 +171,8 @@ void adaln_fp8_cuda(at::Tensor& out, at::Tensor& out_scale, const at::Tensor& x,
   const RowsIn rows = check_rows(x, "x");
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
   for (const auto* m : {&shift, &scale}) {
-    const char* what = m == &shift ? "shift" : "scale";
+    const char* what = m == &shift ? (affine ? "shift (the bias)" : "shift")
+                                   : (affine ? "scale (the weight)" : "scale");
     check_f32_table(*m, x, D, what);
     TORCH_CHECK(m->dim() == 2 && m->size(0) == B, "lx2v_C: ", what, " must be [B, D] = [",
                 num(B), ", ", num(D), "], got ", dims(m->sizes()));

@@ -207,6 +207,10 @@ def test_fp8linear_takes_a_quantized_pair(dtype):
         q((xq.float(), xs))
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         q((xq, xs[..., 0]))
+    with pytest.raises(ValueError, match=r"s float32 \[\.\.\., 1\]"):  # fp16 scale
+        q((xq, xs.half()))
+    with pytest.raises(ValueError, match=f"\\[..., {q.in_features}\\]"):  # wrong K
+        q((xq[..., :-16], xs))
 
 
 def test_backend_selection(caplog):
@@ -379,8 +383,8 @@ def block_and_inputs(model: WanDiT, arch: WanArch):
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_compiled_fp8_block_equals_eager(task, kernel_backend):
     """fullgraph compile of an FP8 block: compiled graphs keep the unfused chain (inductor
-    fuses norm and quantization itself), eager uses the FP8 pairs; both switches are
-    guarded."""
+    fuses norm and quantization itself) whatever the kernel backend; eager uses the FP8
+    pairs unless the backend is "ref"."""
     arch = tiny_arch(task, dim=128, ffn=256, layers=1)
     model = quantize_dit(random_model(arch, seed=3), "fp8").cast(torch.bfloat16)
     block, (x, *args) = block_and_inputs(model, arch)
@@ -393,7 +397,7 @@ def test_compiled_fp8_block_equals_eager(task, kernel_backend):
         torch.testing.assert_close(x_c, out)  # the in-place update reached the caller
         kernel_backend("ref")
         unfused = block(x.clone(), *args)
-        out_ref = compiled(x.clone(), *args)  # recompiled for the other backend
+        out_ref = compiled(x.clone(), *args)
     torch.testing.assert_close(out, unfused)
     torch.testing.assert_close(out_ref, unfused)
     with pytest.raises(AssertionError):  # the same tolerance tells the two paths apart

@@ -8,7 +8,8 @@ Rows (random weights, bf16 compute, batch 1, median CUDA-event time of repeated 
   kernels     our fused ops (the best backend loaded: csrc CUDA → Triton), eager; FP8: the
               norms before qkv, cross-attention q and ffn.0 write FP8 for them (adaln_fp8,
               affine_layer_norm_fp8; eager only: compiled graphs keep the bf16 norms and
-              inductor fuses them with the quantization, see dit.fp8_input)
+              inductor fuses them with the quantization, see dit.fp8_input; the row
+              "other norm policy" swaps the two: bf16 norms in eager, pairs compiled)
   compiled    the block under torch.compile(fullgraph=True) (inductor fuses the references,
               see lightx2v/ops/dispatch.py on why our ops defer to it inside a graph)
               (the default policy: lightx2v._C's ops stay in the graph as custom ops)
@@ -72,11 +73,17 @@ def main() -> None:
     print("#", meta, flush=True)
     rows = []
 
-    def measure(label, quant, attention, norm_fp8=True):
+    def measure(label, quant, attention, other_norm_policy=False):
         block = model.blocks[0]
-        # norm_fp8=False: the FP8 linears quantize their own bf16 input, as before the norms
-        # wrote FP8 for them (the A/B of that fusion alone, every other kernel the same)
-        dit.fp8_input = dit_fp8_input if norm_fp8 else (lambda linear: False)
+        # other_norm_policy: the A/B of the norms writing FP8 pairs for the FP8 linears,
+        # every other kernel the same. Default: pairs in eager, unfused chain under compile
+        # (dit.fp8_input); the other policy: bf16 norms in eager, pairs under compile.
+        dit.FP8_PAIRS_UNDER_COMPILE = other_norm_policy
+        dit.fp8_input = (
+            (lambda linear: torch.compiler.is_compiling() and dit_fp8_input(linear))
+            if other_norm_policy
+            else dit_fp8_input
+        )
         ctx_, img_ = model.embed_context(ctx, clip)
         kv = block.cross_attn.kv(ctx_, img_)
         set_attention_backend(attention)
@@ -101,7 +108,7 @@ def main() -> None:
                 r[mode + "_error"] = f"{type(ex).__name__}: {ex}"[:200]
             dispatch.csrc_in_graph = in_graph
             print(label, mode, r.get(mode, r.get(mode + "_error")), flush=True)
-        dit.fp8_input = dit_fp8_input
+        dit.fp8_input, dit.FP8_PAIRS_UNDER_COMPILE = dit_fp8_input, False
         rows.append(r)
 
     measure("bf16 + sdpa", "bf16", "sdpa")
@@ -109,7 +116,7 @@ def main() -> None:
 
     quantize_dit(model, "fp8")
     measure("fp8 + sdpa", "fp8", "sdpa")
-    measure("fp8 + sdpa, norms write bf16", "fp8", "sdpa", norm_fp8=False)
+    measure("fp8 + sdpa, other norm policy", "fp8", "sdpa", other_norm_policy=True)
     measure("fp8 + lx2v-int8", "fp8", "lx2v-int8")
     dispatch.set_kernel_backend("auto")
     if args.json:

@@ -1,6 +1,7 @@
 """Kernel-level profile of one compiled 14B I2V FP8 block at 480P: where the time goes.
 
-    PYTHONPATH=. python3 tools/profile_block.py [--no-norm-fp8] [--deferred] [--norm-in-graph]
+    PYTHONPATH=. python3 tools/profile_block.py [--no-norm-fp8] [--deferred]
+        [--pairs-compiled | --norm-in-graph] [--eager]
 
 Prints the CUDA kernels of 5 calls of the block under torch.compile(fullgraph=True), by
 total time per call (torch.profiler), then the block's median time.
@@ -31,8 +32,13 @@ def main() -> None:
     ap.add_argument("--no-norm-fp8", action="store_true", help="norms write bf16 (before)")
     ap.add_argument("--deferred", action="store_true", help="every fused op left to inductor")
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
+    ap.add_argument(
+        "--pairs-compiled",
+        action="store_true",
+        help="compiled graphs use the norm → FP8 pairs (as their references)",
+    )
     ap.add_argument("--norm-in-graph", action="store_true",
-                    help="keep the csrc norm → FP8 ops in the graph as opaque ops")  # fmt: skip
+                    help="the same with the csrc norm → FP8 ops kept in the graph as opaque ops")  # fmt: skip
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -48,6 +54,8 @@ def main() -> None:
     kv = block.cross_attn.kv(*model.embed_context(ctx, clip))
     if args.no_norm_fp8:
         dit.fp8_input = lambda linear: False
+    if args.pairs_compiled or args.norm_in_graph:
+        dit.FP8_PAIRS_UNDER_COMPILE = True
     if args.deferred:
         dispatch.csrc_in_graph = set()
     if args.norm_in_graph:

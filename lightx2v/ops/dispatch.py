@@ -90,6 +90,12 @@ def _cuda_status() -> tuple[bool, str]:
         ext = csrc()
     except (ImportError, OSError) as e:  # e.g. built against another torch: undefined symbols
         return False, f"lightx2v._C does not load ({e})"
+    schema = torch.ops.lx2v_C.adaln_fp8.default._schema
+    if "affine" not in {a.name for a in schema.arguments}:
+        return False, (
+            "lightx2v._C is older than this checkout (lx2v_C.adaln_fp8 has no `affine`): "
+            "rebuild it (python setup.py build_ext --inplace, or reinstall)"
+        )
     device = torch.cuda.get_device_name()  # torch initializes CUDA before the raw query below
     why = ext.kernel_image_status()
     if why:
@@ -197,7 +203,7 @@ def op_backend(op: str) -> str:
 # 2026-11-27): bf16 67.20 ms with them vs 69.07 ms all deferred, FP8 59.52 vs 60.34 ms.
 # Not the two norm → FP8 ops: kept in the graph they cost an FP8 block 1.7 ms more than
 # inductor's own one-pass fusion of their references (H200, 2026-11-28: 59.93 vs 58.23 ms;
-# the profile, tools/profile_block.py, shows an extra 1.2 ms copy kernel per norm next to
+# the profile, tools/profile_block.py --norm-in-graph, shows a 1.2 ms copy kernel per norm next to
 # the opaque op), so under compile they trace as their references like the Triton ops.
 compile_deferred: set[str] = set(FUSED_OPS)
 csrc_in_graph: set[str] = {"qk_norm_rope", "rms_norm"}

@@ -296,7 +296,12 @@ class FP8Linear(QuantLinear):
 
     @property
     def takes_fp8_input(self) -> bool:
-        """forward, forward_gelu and forward_residual_ take a (q, s) pair (WanBlock asks)."""
+        """Whether WanBlock should hand this linear a (q, s) pair (forward, forward_gelu and
+        forward_residual_ take one on every backend). Not "ref" on a GPU: that backend
+        means no FP8 tensor cores (compute capability < 8.9), where the fused norm gains
+        nothing and Triton cannot store float8_e4m3fn; on the CPU it tests the pair path."""
+        if self.backend == "ref":
+            return not self.weight.is_cuda
         return self.backend in FP8_BACKENDS  # each has a GEMM on per-token FP8 (_gemm)
 
     def forward(self, x: torch.Tensor | FP8Tokens) -> torch.Tensor:
@@ -314,14 +319,21 @@ class FP8Linear(QuantLinear):
         """x [..., K] or a (q, s) pair → (q [M, K], s [M, 1], x's leading shape, out dtype)."""
         if isinstance(x, tuple):
             xq, xs = x
-            if xq.dtype != FP8_DTYPE or xs.shape != (*xq.shape[:-1], 1):
+            if (
+                xq.dtype != FP8_DTYPE
+                or xq.shape[-1] != self.in_features
+                or xs.dtype != torch.float32
+                or xs.shape != (*xq.shape[:-1], 1)
+            ):
                 raise ValueError(
-                    f"expected (q float8_e4m3fn [..., K], s [..., 1]), got q "
-                    f"{tuple(xq.shape)} {xq.dtype}, s {tuple(xs.shape)}"
+                    f"expected (q float8_e4m3fn [..., {self.in_features}], s float32 [..., 1]),"
+                    f" got q {tuple(xq.shape)} {xq.dtype}, s {tuple(xs.shape)} {xs.dtype}"
                 )
+            # the compute dtype: the bias follows it (_apply, WanDiT.cast); Wan's linears
+            # all have one
             dtype = torch.bfloat16 if self.bias is None else self.bias.dtype
             q2 = xq.reshape(-1, xq.shape[-1]).contiguous()  # the GEMMs take row-major a
-            return q2, xs.reshape(-1, 1).float(), xq.shape[:-1], dtype
+            return q2, xs.reshape(-1, 1).contiguous(), xq.shape[:-1], dtype
         xq, xs = per_token_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous())
         return xq, xs, x.shape[:-1], x.dtype
 

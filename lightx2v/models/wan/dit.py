@@ -250,9 +250,16 @@ def fp8_input(linear: nn.Module | None) -> bool:
     2026-11-28: 58.49 vs 58.95 ms compiled; eager, where the csrc kernel writes the pair,
     66.49 vs 67.02 ms the other way round; tools/bench_block.py).
     """
-    if torch.compiler.is_compiling() or requested_backend() == "ref":
+    if (torch.compiler.is_compiling() and not FP8_PAIRS_UNDER_COMPILE) or (
+        requested_backend() == "ref"
+    ):
         return False
     return getattr(linear, "takes_fp8_input", False)
+
+
+# True: compiled graphs use the FP8 pairs too (tools/profile_block.py and bench_block.py
+# measure that alternative with it)
+FP8_PAIRS_UNDER_COMPILE = False
 
 
 def linear_residual_(
