@@ -83,6 +83,22 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _fp8_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (q float8_e4m3fn [B, L, D], s fp32 [B, L, 1]) for a per-token FP8 norm of x."""
+    return (
+        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+    )
+
+
+def _triton_fp8(x: torch.Tensor, eps: float, **tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton norm kernel with FP8 output; tables: shift/scale or weight/bias."""
+    out, out_scale = _fp8_outputs(x)
+    if out.numel():
+        kernel_module("norm").layer_norm(_unit_last(x), out, eps, out_scale=out_scale, **tables)
+    return out, out_scale
+
+
 @torch.library.custom_op("lx2v::adaln", mutates_args=())
 def _adaln_op(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
@@ -116,10 +132,7 @@ def _adaln_fp8_op(
 
 @_adaln_fp8_op.register_fake
 def _(x, shift, scale, eps):
-    return (
-        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
-    )
+    return _fp8_outputs(x)
 
 
 @_adaln_fp8_op.register_kernel("cuda")
@@ -129,14 +142,7 @@ def _(x, shift, scale, eps):
         return csrc().adaln_fp8(x, shift, scale, eps)
     if impl == "ref":
         return adaln_fp8_ref(x, shift, scale, eps)
-    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    if out.numel():
-        kernel_module("norm").layer_norm(
-            _unit_last(x), out, eps,
-            shift=_unit_last(shift), scale=_unit_last(scale), out_scale=out_scale,
-        )  # fmt: skip
-    return out, out_scale
+    return _triton_fp8(x, eps, shift=_unit_last(shift), scale=_unit_last(scale))
 
 
 @torch.library.custom_op("lx2v::affine_layer_norm", mutates_args=())
@@ -172,10 +178,7 @@ def _affine_layer_norm_fp8_op(
 
 @_affine_layer_norm_fp8_op.register_fake
 def _(x, weight, bias, eps):
-    return (
-        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
-    )
+    return _fp8_outputs(x)
 
 
 @_affine_layer_norm_fp8_op.register_kernel("cuda")
@@ -185,14 +188,7 @@ def _(x, weight, bias, eps):
         return csrc().affine_layer_norm_fp8(x, weight, bias, eps)
     if impl == "ref":
         return affine_layer_norm_fp8_ref(x, weight, bias, eps)
-    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    if out.numel():
-        kernel_module("norm").layer_norm(
-            _unit_last(x), out, eps,
-            weight=weight.contiguous(), bias=bias.contiguous(), out_scale=out_scale,
-        )  # fmt: skip
-    return out, out_scale
+    return _triton_fp8(x, eps, weight=weight.contiguous(), bias=bias.contiguous())
 
 
 # ---------------------------------------------------------------------------------------
