@@ -247,8 +247,8 @@ def fp8_input(linear: nn.Module | None) -> bool:
     Eager only. Inside a compiled graph the norm writes the compute dtype and inductor
     fuses it with the linear's quantization into one kernel by itself, which measured
     faster than its fusion of the fp32 pair definition (one 14B I2V FP8 block, H200,
-    2026-11-28: 58.49 vs 58.95 ms compiled; eager, where the csrc kernel writes the pair,
-    66.49 vs 67.02 ms the other way round; tools/bench_block.py).
+    2026-11-28: 58.49 vs 58.95 ms compiled). In eager, where the csrc kernel writes the
+    pair, the pairs win: 66.49 vs 67.02 ms (tools/bench_block.py).
     """
     if (torch.compiler.is_compiling() and not FP8_PAIRS_UNDER_COMPILE) or (
         requested_backend() == "ref"
