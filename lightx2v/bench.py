@@ -43,6 +43,7 @@ class BenchRow:
     attention: str = "sdpa"
     compile: bool = True
     offload: str = "none"
+    max_vram: float | None = None  # GB: the budget of offload "auto" (the RTX 4090 row: 24)
     steps: int = 40
     cfg: bool = True
     teacache_skip: float = 0.0  # stated fraction of steps TeaCache skips (projection)
@@ -87,6 +88,16 @@ def default_rows() -> list[BenchRow]:
             attention="lx2v-int8",
             offload="block",
             preset="low-vram",
+        ),  # fmt: skip
+        # LightX2V's RTX 4090 rows: the same run under a 24 GB budget (offload auto keeps
+        # what fits resident). Memory is comparable with a 4090's; the time is this GPU's.
+        BenchRow(
+            "lx2v FP8 + 8-bit attention, --max-vram 24 (RTX 4090 memory)",
+            quant="fp8",
+            attention="lx2v-int8",
+            offload="auto",
+            max_vram=24.0,
+            preset="rtx4090",
         ),  # fmt: skip
     ]
 
@@ -268,10 +279,15 @@ def encode_decode_seconds(width: int, height: int, frames: int, device, log=prin
 # the run
 
 
+def _config_key(row: BenchRow) -> tuple:
+    """What a row's forward depends on (rows that differ only in steps/CFG share it)."""
+    return (row.impl, row.quant, row.attention, row.compile, row.offload, row.max_vram)
+
+
 def _measure(row, fn, size, stages, measured, repeat, dev, t_start, budget_s, log) -> None:
     """Time fn for row (once per configuration: rows that differ only in steps, CFG or
     TeaCache share it) and fill the row's numbers, or its note when it fails."""
-    key = (row.impl, row.quant, row.attention, row.compile, row.offload)
+    key = _config_key(row)
     if key not in measured:
         if time.perf_counter() - t_start > budget_s:
             row.note = "skipped: time budget"
@@ -352,7 +368,7 @@ def run_bench(
             )
             ours.cast(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
             del state
-            quantized, offloaded = False, False
+            quantized, offloaded = False, ("none", None)
             for row in [r for r in size_rows if r.impl == "lx2v"]:
                 if row.quant == "bf16" and quantized:
                     row.note = "skipped: model already quantized (order the rows bf16 first)"
@@ -363,11 +379,12 @@ def run_bench(
                     quantize_dit(ours, row.quant)
                     quantized = True
                     gc.collect()
-                if row.offload != "none" and not offloaded:
-                    from lightx2v.runtime.offload import apply_offload
+                if (row.offload, row.max_vram) != offloaded:
+                    from lightx2v.runtime.offload import apply_offload, remove_offload
 
-                    apply_offload(ours, row.offload, dev)
-                    offloaded = True
+                    remove_offload(ours)  # (no-op when nothing is offloaded)
+                    apply_offload(ours, row.offload, dev, max_vram_gb=row.max_vram)
+                    offloaded = (row.offload, row.max_vram)
                 try:
                     set_attention_backend(row.attention)
                 except LX2VError as e:
@@ -376,7 +393,7 @@ def run_bench(
                         continue
                     set_attention_backend("sdpa")
                     row.note = f"dry run: {row.attention} unavailable, sdpa used"
-                key = (row.impl, row.quant, row.attention, row.compile, row.offload)
+                key = _config_key(row)
                 if row.compile and dev.type == "cuda" and key not in measured:
                     torch._dynamo.reset()
                     ours.blocks_compiled = False

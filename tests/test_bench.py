@@ -21,6 +21,10 @@ def test_bench_dry_run(tmp_path, capsys):
     fp8 = by["lx2v FP8 + 8-bit attention"]
     # the TeaCache row projects 60% of the FP8 row's steps (a stated 40% skip)
     assert abs(tea["s_per_video"] - 0.6 * fp8["s_per_video"]) < 1e-9
+    # LightX2V's RTX 4090 row: FP8 under a 24 GB budget (offload auto), after the block
+    # offload row on the same model (the offload is swapped between the two)
+    r4090 = next(r for r in rows if r["preset"] == "rtx4090")
+    assert r4090["offload"] == "auto" and r4090["max_vram"] == 24.0 and r4090["s_per_forward"]
     assert "| 480p |" in capsys.readouterr().out
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
