@@ -162,12 +162,16 @@ def adaln_fp8(
     shift: torch.Tensor,  # [B, D]
     scale: torch.Tensor,  # [B, D]
     eps: float,
+    affine: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LN(x)·(1 + scale) + shift quantized per token: (q e4m3 [B, L, D], s fp32 [B, L, 1])."""
+    """LN(x)·(1 + scale) + shift quantized per token: (q e4m3 [B, L, D], s fp32 [B, L, 1]);
+    affine: LN(x)·scale + shift."""
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if out.numel():
-        torch.ops.lx2v_C.adaln_fp8(out, out_scale, _rows(x), _table(shift), _table(scale), eps)
+        torch.ops.lx2v_C.adaln_fp8(
+            out, out_scale, _rows(x), _table(shift), _table(scale), eps, affine=affine
+        )
     return out, out_scale
 
 
@@ -177,12 +181,8 @@ def affine_layer_norm_fp8(
     bias: torch.Tensor,  # [D]
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LN(x)·weight + bias quantized per token: (q e4m3 [B, L, D], s fp32 [B, L, 1])."""
-    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    if out.numel():
-        B, D = x.shape[0], x.shape[-1]
-        w = _table(weight).expand(B, D)  # stride 0 over the batch: one table
-        b = _table(bias).expand(B, D)
-        torch.ops.lx2v_C.adaln_fp8(out, out_scale, _rows(x), b, w, eps, affine=True)
-    return out, out_scale
+    """LN(x)·weight + bias quantized per token: the adaLN kernel with one weight/bias table
+    for the whole batch (stride 0)."""
+    B, D = x.shape[0], x.shape[-1]
+    w, b = _table(weight).expand(B, D), _table(bias).expand(B, D)  # fp32 first: no copy
+    return adaln_fp8(x, b, w, eps, affine=True)

@@ -203,8 +203,8 @@ def op_backend(op: str) -> str:
 # 2026-11-27): bf16 67.20 ms with them vs 69.07 ms all deferred, FP8 59.52 vs 60.34 ms.
 # Not the two norm → FP8 ops: kept in the graph they cost an FP8 block 1.7 ms more than
 # inductor's own one-pass fusion of their references (H200, 2026-11-28: 59.93 vs 58.23 ms;
-# the profile, tools/profile_block.py --norm-in-graph, shows a 1.2 ms copy kernel per norm next to
-# the opaque op), so under compile they trace as their references like the Triton ops.
+# tools/profile_block.py --norm-in-graph shows a 1.2 ms copy kernel next to each opaque
+# op), so under compile they trace as their references like the Triton ops.
 compile_deferred: set[str] = set(FUSED_OPS)
 csrc_in_graph: set[str] = {"qk_norm_rope", "rms_norm"}
 

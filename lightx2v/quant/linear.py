@@ -300,9 +300,7 @@ class FP8Linear(QuantLinear):
         forward_residual_ take one on every backend). Not "ref" on a GPU: that backend
         means no FP8 tensor cores (compute capability < 8.9), where the fused norm gains
         nothing and Triton cannot store float8_e4m3fn; on the CPU it tests the pair path."""
-        if self.backend == "ref":
-            return not self.weight.is_cuda
-        return self.backend in FP8_BACKENDS  # each has a GEMM on per-token FP8 (_gemm)
+        return self.backend != "ref" or not self.weight.is_cuda
 
     def forward(self, x: torch.Tensor | FP8Tokens) -> torch.Tensor:
         if not isinstance(x, tuple):
