@@ -1,4 +1,4 @@
-"""8-bit attention in Triton for Hopper: INT8 Q·Kᵀ, FP8 P·V, fp32 online softmax.
+"""8-bit attention in Triton for Hopper: INT8 Q·Kᵀ; P·V in INT8, FP8 or bf16; fp32 softmax.
 
 Layout in and out is the model's [B, L, H, D] (D = 128), non-causal, any Lq and Lk.
 
@@ -11,11 +11,12 @@ Algorithm (the PyTorch simulation is `lightx2v.ops.attention.attention_8bit_sim`
    base 2 with no extra multiply); k − mean_k → INT8 with one scale per BLOCK_N rows
    (subtracting a per-channel constant from every key adds the same number to every
    logit of a query row, which softmax ignores; it removes the large shared offsets that
-   would otherwise eat the INT8 range). With FP8 P·V only: v − offset → FP8 e4m3 with one
-   scale per channel (offset = the channel's mean where that is large, see `v_offset`),
-   written transposed ([B·H, D, Lk_pad]) because Hopper's FP8 tensor-core instruction
-   wants the reduction dimension contiguous for its B operand; the offset is added back at
-   the end (softmax rows sum to 1). With bf16 P·V, v is read as given.
+   would otherwise eat the INT8 range). With INT8 or FP8 P·V: v − offset → INT8 (amax/127)
+   or FP8 e4m3 (amax/448) with one scale per channel (offset = the channel's mean where
+   that is large, see `v_offset`), written transposed ([B·H, D, Lk_pad]) because Hopper's
+   8-bit tensor-core instructions want the reduction dimension contiguous for their B
+   operand; the offset is added back at the end (softmax rows sum to 1). With bf16 P·V,
+   v is read as given.
 3. Main kernel (`_attn_fwd_kernel`): per (BLOCK_M query rows, batch·head), loop over key
    blocks: S = q8·k8ᵀ in int32 (exact: |S| ≤ 127²·128 < 2²²), converted to fp32 with the
    1.5·2²³ trick (an integer add and a reinterpretation instead of a conversion
@@ -24,6 +25,9 @@ Algorithm (the PyTorch simulation is `lightx2v.ops.attention.attention_8bit_sim`
    between numerator and denominator); O += P·V in bf16, or P8·V8 on FP8 tensor cores,
    where each tile's product is added to the fp32 accumulator in ordinary fp32 ("two
    levels", FP8_TWO_LEVEL) because Hopper's FP8 MMA accumulates with fewer bits than fp32.
+   INT8 P·V (`_pv_int8_update`) instead rounds P = 127·exp2(S − m_block) against the key
+   block's own row maximum, multiplies exactly in int32 and rescales each block's product
+   by exp2(m_block − m)/127 into the fp32 accumulator: 7 bits where e4m3 has 3.
    The last, partial key block is peeled off and masked, so the main loop has no masks.
    q, k and v tiles move by TMA (tensor descriptors).
 
@@ -47,14 +51,14 @@ PAD = 128  # quantised copies are padded to a multiple of this many rows
 STATS_CHUNK = 512
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) used unless the caller names one: the fastest
-# of `tools/bench_attention.py --sweep` on an H200, 2026-11-27, S = 32760, H = 40:
-# bf16 P·V 614-619 TFLOP/s at (128, 128, 8, 4); FP8 P·V 700-765 at (64, 128, 4, 2|3)
-# (run-to-run spread ≈ 5%), where 64-row tiles on one warpgroup let two programs share a
-# multiprocessor and overlap one's softmax with the other's matrix products. None of these
-# spills registers (cubin resource usage); pointer-tensor loads spilled 400-2800 bytes,
-# hence the TMA descriptors.
-BF16_CONFIG = (128, 128, 8, 4)
-FP8_CONFIG = (64, 128, 4, 2)
+# of `tools/bench_attention.py --sweep` on an H200, S = 32760, H = 40: bf16 P·V 614-624
+# TFLOP/s at (128, 128, 8, 4) (2026-11-27); FP8 and INT8 P·V at (64, 128, 4, 3): FP8
+# 746-747 against 688-692 with 2 stages (2026-11-28; the day before, 2 stages measured
+# 700-765, run-to-run spread ≈ 5%), INT8 687 against 669 (same run). 64-row tiles on one
+# warpgroup let two programs share a multiprocessor and overlap one's softmax with the
+# other's matrix products. None of these spills registers (cubin resource usage);
+# pointer-tensor loads spilled 400-2800 bytes, hence the TMA descriptors.
+CONFIGS = {"bf16": (128, 128, 8, 4), "fp8": (64, 128, 4, 3), "int8": (64, 128, 4, 3)}
 # FP8 P·V: add each tile's product to the fp32 accumulator in ordinary fp32 (True), or let
 # the tensor cores accumulate across the whole key loop (False). Hopper's FP8 MMA
 # accumulates with fewer bits than fp32; at S = 75600 one level measured rel-L2 3.96e-2
@@ -136,9 +140,9 @@ def _quant_qk_kernel(
 def _quant_v_kernel(
     V, MEAN, INV, OUT, L, L_pad, H,
     svb, svl, svh,
-    BT: tl.constexpr, D: tl.constexpr,
+    BT: tl.constexpr, D: tl.constexpr, INT8: tl.constexpr,
 ):  # fmt: skip
-    """(v − mean)·inv_scale → FP8 e4m3, stored transposed: OUT[b·h, d, t]."""
+    """(v − mean)·inv_scale → FP8 e4m3 or INT8, stored transposed: OUT[b·h, d, t]."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -150,34 +154,87 @@ def _quant_v_kernel(
     mu = tl.load(MEAN + bh * D + d)
     inv = tl.load(INV + bh * D + d)
     x = tl.where(m[:, None], (v.to(tl.float32) - mu[None, :]) * inv[None, :], 0.0)
-    xt = tl.trans(x.to(tl.float8e4nv))
+    if INT8:
+        xq = (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)  # round half away from zero
+    else:
+        xq = x.to(tl.float8e4nv)
     base = OUT + bh.to(tl.int64) * D * L_pad
-    tl.store(base + d[:, None] * L_pad + t[None, :], xt)
+    tl.store(base + d[:, None] * L_pad + t[None, :], tl.trans(xq))
+
+
+# p ∈ [0, 127] → round(p) as int8, four values per asm call: through fp16, where 1024 + n
+# holds n in the low bits of its mantissa (two f32→f16x2 conversions, two f16x2 adds of
+# 1024, one byte permute): 5 instructions per 4 values, where adding 1.5·2²³ in fp32 and
+# truncating took one add per value plus the byte packing (H200: 643-651 vs 669-688
+# TFLOP/s with the FMA below, 2026-11-28)
+_ROUND_I8X4 = tl.constexpr("""{
+    .reg .b32 h0, h1, c;
+    mov.b32 c, 0x64006400;
+    cvt.rn.f16x2.f32 h0, $2, $1;
+    cvt.rn.f16x2.f32 h1, $4, $3;
+    add.rn.f16x2 h0, h0, c;
+    add.rn.f16x2 h1, h1, c;
+    prmt.b32 $0, h0, h1, 0x6420;
+}""")
+LOG2_127 = tl.constexpr(6.988684686772166)  # log2(127)
+
+
+@triton.jit
+def _pv_int8_update(
+    p, m_blk, m_i, l_i, acc, DV, bh, j, D: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """O += P·V with INT8 operands for one key block. p = 127·exp2(S − m_blk) ∈ [0, 127] is
+    relative to this block's own row maximum m_blk, so every block uses the whole INT8
+    range; the row scale exp2(m_blk − m)/127, applied to the block's int32 product, puts it
+    back on the running scale (it cancels in the softmax otherwise)."""
+    m_new = tl.maximum(m_i, m_blk)
+    alpha = tl.math.exp2(m_i - m_new)
+    rs = tl.math.exp2(m_blk - m_new) * (1.0 / 127.0)
+    l_i = l_i * alpha + tl.sum(p, 1) * rs
+    p8 = tl.inline_asm_elementwise(
+        asm=_ROUND_I8X4, constraints="=r,r,r,r,r", args=[p], dtype=tl.int8, is_pure=True, pack=4
+    )
+    vt = DV.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N] int8
+    pv = tl.dot(p8, tl.trans(vt))  # int32, exact: |pv| ≤ 127·127·128 < 2²²
+    x = (pv + 0x4B400000).to(tl.float32, bitcast=True)  # = pv + 1.5·2²³ exactly
+    # (x − 1.5·2²³)·rs as one FMA x·rs + c with c = −1.5·2²³·rs rounded to fp32: off by at
+    # most 0.75·rs, the same for every channel of a row, ≈ 2⁻¹⁴ of a typical block product
+    # (the exact subtraction first measured 651 vs 688 TFLOP/s, H200)
+    acc = acc * alpha[:, None] + (x * rs[:, None] + (-12582912.0 * rs)[:, None])
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _softmax_pv_step(
     qk, s, m_i, l_i, acc, DV, bh, b, h, j,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr, TWO_LEVEL: tl.constexpr,
 ):  # fmt: skip
-    """One full key block: online softmax of the int32 logits qk (scale s) and O += P·V."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * s)
-    bias = m_new - 8.0 + 12582912.0 * s
-    # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_new + 8, one FMA
+    """One full key block: online softmax of the int32 logits qk (scale s) and O += P·V.
+    PV: 0 = bf16, 1 = FP8, 2 = INT8."""
     qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True)
-    p = tl.math.exp2(qkf * s - bias[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if PV_FP8:
-        vt = DV.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N]
-        p8 = p.to(tl.float8e4nv)
-        if TWO_LEVEL:
-            acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
-        else:
-            acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+    if PV == 2:
+        m_blk = tl.max(qk, 1).to(tl.float32) * s
+        # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_blk + log2 L, one FMA
+        bias = m_blk - LOG2_127 + 12582912.0 * s
+        p = tl.math.exp2(qkf * s - bias[:, None])
+        m_new, l_i, acc = _pv_int8_update(p, m_blk, m_i, l_i, acc, DV, bh, j, D, BLOCK_N)
     else:
-        v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * s)
+        bias = m_new - 8.0 + 12582912.0 * s
+        # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_new + 8, one FMA
+        p = tl.math.exp2(qkf * s - bias[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV == 1:
+            vt = DV.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N]
+            p8 = p.to(tl.float8e4nv)
+            if TWO_LEVEL:
+                acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+            else:
+                acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+        else:
+            v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -186,12 +243,12 @@ def _attn_fwd_kernel(
     DQ, QS, DK, KS, DV, VMEAN, VSCALE, DO,
     Lk, Lq_pad, Lk_pad, H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PV_FP8: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    PV: tl.constexpr, TWO_LEVEL: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, head). All tiles move through the
     tensor-memory accelerator (descriptors), so no per-element pointers take registers.
-    DQ [B·H·Lq_pad, D] i8, DK [B·H·Lk_pad, D] i8, DV either [B·H·D, Lk_pad] fp8 (PV_FP8)
-    or the caller's [B, Lk, H, D], DO the output [B, Lq, H, D] (rows past Lq are clipped
+    DQ [B·H·Lq_pad, D] i8, DK [B·H·Lk_pad, D] i8, DV either [B·H·D, Lk_pad] fp8/i8 (PV 1/2)
+    or the caller's [B, Lk, H, D] (PV 0), DO the output [B, Lq, H, D] (rows past Lq are clipped
     by the store, keys past Lk of a 4-d V read as zeros)."""
     mblk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -214,7 +271,7 @@ def _attn_fwd_kernel(
         s = qs * tl.load(ks_ptr + j)
         qk = tl.dot(q, tl.trans(k))  # int32, exact
         m_i, l_i, acc = _softmax_pv_step(
-            qk, s, m_i, l_i, acc, DV, bh, b, h, j, D, BLOCK_N, PV_FP8, TWO_LEVEL
+            qk, s, m_i, l_i, acc, DV, bh, b, h, j, D, BLOCK_N, PV, TWO_LEVEL
         )
 
     if n_full * BLOCK_N < Lk:  # the last, partial key block
@@ -224,20 +281,25 @@ def _attn_fwd_kernel(
         s = qs * tl.load(ks_ptr + j)
         qk = tl.dot(q, tl.trans(k)).to(tl.float32) * s
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - (m_new - 8.0)[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if PV_FP8:
-            vt = DV.load([bh * D, j * BLOCK_N])  # padded with zeros
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+        if PV == 2:
+            m_blk = tl.max(qk, 1)
+            p = tl.math.exp2(qk - (m_blk - LOG2_127)[:, None])
+            m_i, l_i, acc = _pv_int8_update(p, m_blk, m_i, l_i, acc, DV, bh, j, D, BLOCK_N)
         else:
-            v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)  # zeros past Lk
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - (m_new - 8.0)[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if PV == 1:
+                vt = DV.load([bh * D, j * BLOCK_N])  # padded with zeros
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+            else:
+                v = DV.load([b, j * BLOCK_N, h, 0]).reshape(BLOCK_N, D)  # zeros past Lk
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
 
     out = acc * (1.0 / l_i)[:, None]
-    if PV_FP8:
+    if PV != 0:
         d = tl.arange(0, D)
         vscale = tl.load(VSCALE + bh * D + d)
         vmean = tl.load(VMEAN + bh * D + d)
@@ -267,20 +329,25 @@ def v_offset(v_mean: torch.Tensor, v_max: torch.Tensor, v_min: torch.Tensor) -> 
     return torch.where(v_mean.abs() >= 0.125 * amax, v_mean, torch.zeros_like(v_mean))
 
 
-def quantize_qkv(q, k, v, block_m: int, block_n: int, pv_fp8: bool):
-    """The pre-pass: INT8 q and k with per-block scales; with pv_fp8, FP8 v (transposed)
-    with a per-channel scale and offset. Returns a dict of the quantised tensors."""
+PV_MODES = {"bf16": 0, "fp8": 1, "int8": 2}
+
+
+def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16"):
+    """The pre-pass: INT8 q and k with per-block scales; with pv "fp8" or "int8", v − offset
+    in that type (transposed) with a per-channel scale. Returns a dict of the quantised
+    tensors."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     BH = B * H
     dev = q.device
     Lq_pad, Lk_pad = _round_up(Lq, PAD), _round_up(Lk, PAD)
     nch = triton.cdiv(Lk, STATS_CHUNK)
-    part = torch.empty(4 if pv_fp8 else 1, BH, nch, D, device=dev, dtype=torch.float32)
+    v8 = pv != "bf16"
+    part = torch.empty(4 if v8 else 1, BH, nch, D, device=dev, dtype=torch.float32)
     _stats_kernel[(nch, BH)](
         k, v, part, Lk, H, nch, BH * nch * D,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        CHUNK=STATS_CHUNK, BT=32, D=D, WITH_V=pv_fp8, num_warps=4,
+        CHUNK=STATS_CHUNK, BT=32, D=D, WITH_V=v8, num_warps=4,
     )  # fmt: skip
     k_mean = part[0].sum(1) / Lk
 
@@ -298,14 +365,17 @@ def quantize_qkv(q, k, v, block_m: int, block_n: int, pv_fp8: bool):
         BLK=block_n, D=D, SUB_MEAN=True, num_warps=8,
     )  # fmt: skip
     out = dict(q8=q8, qs=qs, k8=k8, ks=ks, Lq_pad=Lq_pad, Lk_pad=Lk_pad)
-    if pv_fp8:
+    if v8:
+        int8 = pv == "int8"
         v_mean = v_offset(part[1].sum(1) / Lk, part[2].amax(1), part[3].amin(1))
         v_amax = torch.maximum(part[2].amax(1) - v_mean, v_mean - part[3].amin(1))
-        v_scale = v_amax.clamp_min(1e-30) / 448.0
-        vt8 = torch.empty(BH, D, Lk_pad, device=dev, dtype=torch.float8_e4m3fn)
+        v_scale = v_amax.clamp_min(1e-30) / (127.0 if int8 else 448.0)
+        dtype = torch.int8 if int8 else torch.float8_e4m3fn
+        vt8 = torch.empty(BH, D, Lk_pad, device=dev, dtype=dtype)
         _quant_v_kernel[(Lk_pad // 64, BH)](
-            v, v_mean, 1.0 / v_scale, vt8, Lk, Lk_pad, H, v.stride(0), v.stride(1), v.stride(2),
-            BT=64, D=D, num_warps=4,
+            v, v_mean, 1.0 / v_scale, vt8, Lk, Lk_pad, H,
+            v.stride(0), v.stride(1), v.stride(2),
+            BT=64, D=D, INT8=int8, num_warps=4,
         )  # fmt: skip
         out.update(vt8=vt8, v_mean=v_mean, v_scale=v_scale)
     return out
@@ -315,29 +385,31 @@ def attention_int8(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pv_fp8: bool = False,
+    pv: str = "bf16",
     config: tuple[int, int, int, int] | None = None,
     two_level: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√D)·v over [B, L, H, D] tensors (bf16/fp16, D = 128); returns a new
-    contiguous [B, Lq, H, D] tensor of q's dtype. Q·Kᵀ in INT8; P·V in FP8 with pv_fp8,
-    else in v's own 16-bit type."""
+    contiguous [B, Lq, H, D] tensor of q's dtype. Q·Kᵀ in INT8; P·V in `pv`: "bf16" (v's
+    own 16-bit type), "fp8" or "int8"."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
+    if pv not in PV_MODES:
+        raise ValueError(f"lx2v-int8 attention: pv must be one of {sorted(PV_MODES)}, got {pv!r}")
     if D != 128 or k.shape[-1] != D or v.shape[-1] != D:
         raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
     if Lk == 0 or Lq == 0:
         raise ValueError("lx2v-int8 attention needs non-empty q and k")
     # TMA needs a unit last stride and 16-byte aligned other strides and base
     q, k, v = (x if _tma_ok(x) else x.contiguous() for x in (q, k, v))
-    block_m, block_n, warps, stages = config or (FP8_CONFIG if pv_fp8 else BF16_CONFIG)
+    block_m, block_n, warps, stages = config or CONFIGS[pv]
     two_level = FP8_TWO_LEVEL if two_level is None else two_level
-    qz = quantize_qkv(q, k, v, block_m, block_n, pv_fp8)
+    qz = quantize_qkv(q, k, v, block_m, block_n, pv)
     out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(Lq, block_m), B * H)
     dq = _desc(qz["q8"].view(-1, D), [block_m, D])
     dk = _desc(qz["k8"].view(-1, D), [block_n, D])
-    if pv_fp8:
+    if pv != "bf16":
         dv = _desc(qz["vt8"].view(-1, qz["Lk_pad"]), [D, block_n])
         vmean, vscale = qz["v_mean"], qz["v_scale"]
     else:
@@ -347,7 +419,7 @@ def attention_int8(
     _attn_fwd_kernel[grid](
         dq, qz["qs"], dk, qz["ks"], dv, vmean, vscale, do,
         Lk, qz["Lq_pad"], qz["Lk_pad"], H,
-        D=D, BLOCK_M=block_m, BLOCK_N=block_n, PV_FP8=pv_fp8, TWO_LEVEL=two_level,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, PV=PV_MODES[pv], TWO_LEVEL=two_level,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
@@ -357,6 +429,6 @@ def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
-def config(pv_fp8: bool) -> tuple[int, int, int, int]:
+def config(pv: str) -> tuple[int, int, int, int]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) used by default for a P·V precision."""
-    return FP8_CONFIG if pv_fp8 else BF16_CONFIG
+    return CONFIGS[pv]

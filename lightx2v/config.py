@@ -189,7 +189,7 @@ class RuntimeOptions:
     quant: str = (
         "none"  # quantize the DiT at load: none | fp8 | int8 (converted checkpoints already are)
     )
-    attention: str = "sdpa"  # sdpa | lx2v-int8 | lx2v-int8-fp8 | fa4 | sage | flash | auto
+    attention: str = "sdpa"  # sdpa | lx2v-int8[-fp8|-int8] | fa4 | sage | flash | auto
     # the first and last N sampling steps use exact bf16 attention (sdpa): a known quality
     # guard for 8-bit attention in video models
     attention_exact_steps: int = 0
@@ -244,7 +244,7 @@ def vae_tiling_mode(value: str | bool) -> str:
 # kernel where it runs and passes its self-check (Hopper), else sdpa.
 RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "bf16": {"runtime": {"quant": "none", "attention": "sdpa"}},
-    "bf16-int8attn": {"runtime": {"quant": "none", "attention": "lx2v-int8"}},
+    "bf16-int8attn": {"runtime": {"quant": "none", "attention": "lx2v-int8-int8"}},
     "fp8": {"runtime": {"quant": "fp8", "attention": "auto"}},
     "fp8-teacache": {
         "runtime": {"quant": "fp8", "attention": "auto"},

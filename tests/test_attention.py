@@ -62,14 +62,15 @@ def test_magic_int32_to_float_is_exact():
     assert 127 * 127 * 128 < 2**22
 
 
+@pytest.mark.parametrize("pv", ["bf16", "int8"])
 @pytest.mark.parametrize("offset", [0.0, 10.0])
 @pytest.mark.parametrize("Lq,Lk", [(300, 300), (77, 257)])
-def test_sim_int8_bf16pv_passes_gate(Lq, Lk, offset):
+def test_sim_passes_gate(Lq, Lk, offset, pv):
     q = rnd(2, Lq, 2, 128, seed=7).bfloat16()
     k = rnd(2, Lk, 2, 128, seed=8, offset=offset).bfloat16()
     v = rnd(2, Lk, 2, 128, seed=9).bfloat16()
     ref = A.attention_ref(q.float(), k.float(), v.float())
-    out = A.attention_8bit_sim(q, k, v, pv_fp8=False, block_n=64)
+    out = A.attention_8bit_sim(q, k, v, pv=pv, block_n=64)
     assert torch.isfinite(out).all()
     assert A.rel_l2(out, ref) <= A.GATE_REL_L2
     assert A.cosine(out, ref) >= A.GATE_COSINE
@@ -95,7 +96,7 @@ def test_sim_fp8pv(v_off):
     )
     v = rnd(1, 512, 2, 128, seed=15, offset=v_off).bfloat16()
     ref = A.attention_ref(q.float(), k.float(), v.float())
-    out = A.attention_8bit_sim(q, k, v, pv_fp8=True)
+    out = A.attention_8bit_sim(q, k, v, pv="fp8")
     assert torch.isfinite(out).all()
     assert A.rel_l2(out, ref) <= 0.05
     assert A.cosine(out, ref) >= 0.999
@@ -131,7 +132,7 @@ def test_registry_on_cpu():
 def test_custom_op_fake_kernel():
     q = torch.empty(2, 77, 3, 128, device="meta", dtype=torch.bfloat16)
     k = v = torch.empty(2, 257, 3, 128, device="meta", dtype=torch.bfloat16)
-    out = torch.ops.lightx2v.attention_int8(q, k, v, False)
+    out = torch.ops.lightx2v.attention_int8(q, k, v, "int8")
     assert out.shape == q.shape and out.dtype == q.dtype
 
 

@@ -56,38 +56,51 @@ SHAPES = [  # (B, Lq, Lk, H, k_offset)
 ]
 
 
-@pytest.mark.parametrize("pv_fp8", [False, True], ids=["bf16pv", "fp8pv"])
+@pytest.mark.parametrize("pv", ["bf16", "fp8", "int8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_vs_reference(shape, pv_fp8):
+def test_kernel_vs_reference(shape, pv):
     B, Lq, Lk, H, off = shape
     q, k, v = qkv(B, Lq, Lk, H, seed=Lq + Lk, k_offset=off)
-    out = K.attention_int8(q, k, v, pv_fp8=pv_fp8)
+    out = K.attention_int8(q, k, v, pv=pv)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     ref = A.attention_ref(q.float(), k.float(), v.float())
-    sim = A.attention_8bit_sim(
-        q, k, v, pv_fp8=pv_fp8, block_m=K.config(pv_fp8)[0], block_n=K.config(pv_fp8)[1]
-    )
-    tol = 0.05 if pv_fp8 else A.GATE_REL_L2
+    bm, bn = K.config(pv)[:2]
+    sim = A.attention_8bit_sim(q, k, v, pv=pv, block_m=bm, block_n=bn)
+    tol = 0.05 if pv == "fp8" else A.GATE_REL_L2
     if Lk > 1:
         assert A.rel_l2(out, ref) <= tol
         assert A.cosine(out, ref) >= A.GATE_COSINE
     # FP8 rounds P scaled by the running row max, the simulation by the final one: the two
-    # round differently, each ≈2.5% from exact, so they may differ by ≈√2 times that
-    assert A.rel_l2(out, sim) <= (0.04 if pv_fp8 else 0.01)
+    # round differently, each ≈2.5% from exact, so they may differ by ≈√2 times that. INT8
+    # rounds P against each key block's own row max in both.
+    assert A.rel_l2(out, sim) <= (0.04 if pv == "fp8" else 0.01)
+
+
+def test_int8_pv_partial_block_and_offsets():
+    """INT8 P·V against its simulation where the last key block is partial, with offset k
+    and a v whose channels have large means (the per-channel offset path)."""
+    q, k, v = qkv(2, 1000, 4001, 2, seed=11, k_offset=5.0)
+    v = (v.float() + 6.0 * torch.randn(128, device=DEV)).bfloat16()
+    out = K.attention_int8(q, k, v, pv="int8")
+    bm, bn = K.config("int8")[:2]
+    sim = A.attention_8bit_sim(q, k, v, pv="int8", block_m=bm, block_n=bn)
+    ref = A.attention_ref(q.float(), k.float(), v.float())
+    assert A.rel_l2(out, sim) <= 0.01
+    assert A.rel_l2(out, ref) <= A.GATE_REL_L2 and A.cosine(out, ref) >= A.GATE_COSINE
 
 
 @pytest.mark.parametrize(
-    "pv_fp8,two_level",
-    [(False, True), (True, True), (True, False)],
-    ids=["bf16pv", "fp8pv", "fp8pv-1lvl"],
+    "pv,two_level",
+    [("bf16", True), ("fp8", True), ("fp8", False), ("int8", True)],
+    ids=["bf16pv", "fp8pv", "fp8pv-1lvl", "int8pv"],
 )
-def test_kernel_long(pv_fp8, two_level):
+def test_kernel_long(pv, two_level):
     q, k, v = qkv(1, 32760, 32760, 2, seed=3)
-    out = K.attention_int8(q, k, v, pv_fp8=pv_fp8, two_level=two_level)
+    out = K.attention_int8(q, k, v, pv=pv, two_level=two_level)
     ref = ref_chunked(q, k, v)
     assert torch.isfinite(out).all()
-    assert A.rel_l2(out, ref) <= (0.05 if pv_fp8 else A.GATE_REL_L2)
+    assert A.rel_l2(out, ref) <= (0.05 if pv == "fp8" else A.GATE_REL_L2)
     assert A.cosine(out, ref) >= A.GATE_COSINE
 
 
@@ -102,20 +115,22 @@ def test_non_contiguous_inputs_and_every_row_written():
 
 def test_opcheck():
     q, k, v = qkv(2, 200, 300, 2, seed=5)
-    torch.library.opcheck(torch.ops.lightx2v.attention_int8, (q, k, v, False))
-    torch.library.opcheck(torch.ops.lightx2v.attention_int8, (q, k, v, True))
+    for pv in ("bf16", "fp8", "int8"):
+        torch.library.opcheck(torch.ops.lightx2v.attention_int8, (q, k, v, pv))
 
 
 def test_fullgraph_compile_equals_eager():
     q, k, v = qkv(2, 500, 500, 2, seed=6)
     w = torch.randn(128, 128, device=DEV).bfloat16()
 
-    def block(q, k, v):
-        return A.attention_lx2v_int8(q @ w, k, v) * 2
+    for fn in (A.attention_lx2v_int8, A.attention_lx2v_int8_int8):
 
-    eager = block(q, k, v)
-    compiled = torch.compile(block, fullgraph=True)(q, k, v)
-    assert A.rel_l2(compiled, eager) < 1e-3  # the matmul may pick another kernel
+        def block(q, k, v, fn=fn):
+            return fn(q @ w, k, v) * 2
+
+        eager = block(q, k, v)
+        compiled = torch.compile(block, fullgraph=True)(q, k, v)
+        assert A.rel_l2(compiled, eager) < 1e-3  # the matmul may pick another kernel
 
 
 def test_auto_backend_self_check():

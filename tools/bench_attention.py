@@ -67,14 +67,14 @@ def make_qkv(B, S, H, seed, k_offset=0.0):
 
 
 def backends() -> dict[str, object]:
-    names = ["sdpa", "lx2v-int8", "lx2v-int8-fp8", "sage", "flash", "fa4"]
+    names = ["sdpa", "lx2v-int8", "lx2v-int8-fp8", "lx2v-int8-int8", "sage", "flash", "fa4"]
     found = {}
     for n in names:
         if A._try_load(n):
             found[n] = A._BACKENDS[n]
             if n == "lx2v-int8-fp8":  # the variant with one-level (tensor-core) accumulation
                 found["lx2v-fp8-1lvl"] = lambda q, k, v: K.attention_int8(
-                    q, k, v, True, None, False
+                    q, k, v, "fp8", None, False
                 )
         else:
             print(f"# {n}: unavailable ({A._unavailable.get(n)})")
@@ -160,18 +160,20 @@ def sweep(S=32760, H=40):
     rows = []
     # run 1 (H200, 2026-11-27) also tried (128,128,8,2|3), (128,64,8,3|4), (64,64,4,4):
     # all slower; (128,128,4,2) spills registers
-    cfgs = {False: [(128, 128, 8, 4), (64, 128, 4, 2), (128, 256, 8, 2)],
-            True: [(64, 128, 4, 3), (64, 128, 4, 2), (64, 256, 4, 2), (128, 256, 8, 2),
-                   (128, 128, 8, 4)]}  # fmt: skip
+    cfgs = {"bf16": [(128, 128, 8, 4), (64, 128, 4, 2), (128, 256, 8, 2)],
+            "fp8": [(64, 128, 4, 3), (64, 128, 4, 2), (64, 256, 4, 2), (128, 256, 8, 2),
+                    (128, 128, 8, 4)],
+            "int8": [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                     (64, 64, 4, 3)]}  # fmt: skip
     # run 2 (same day) also tried a hand-pipelined key loop and Triton's warp_specialize:
     # no gain (see kernels/attention.py)
-    for pv_fp8 in (False, True):
-        for cfg in cfgs[pv_fp8]:
-            for two_level in (True, False) if pv_fp8 else (True,):
-                row = dict(pv_fp8=pv_fp8, cfg=cfg, two_level=two_level)
+    for pv in ("bf16", "fp8", "int8"):
+        for cfg in cfgs[pv]:
+            for two_level in (True, False) if pv == "fp8" else (True,):
+                row = dict(pv=pv, cfg=cfg, two_level=two_level)
                 try:
                     ms = time_ms(
-                        lambda q, k, v, p=pv_fp8, c=cfg, t=two_level: K.attention_int8(
+                        lambda q, k, v, p=pv, c=cfg, t=two_level: K.attention_int8(
                             q, k, v, p, c, t),
                         (q, k, v), min_time_s=0.3,
                     )  # fmt: skip
@@ -181,9 +183,9 @@ def sweep(S=32760, H=40):
                 rows.append(row)
                 print("sweep", rows[-1], flush=True)
     # the pre-pass alone
-    for pv_fp8 in (False, True):
-        ms = time_ms(lambda q, k, v, p=pv_fp8: K.quantize_qkv(q, k, v, 128, 128, p), (q, k, v))
-        rows.append(dict(prepass_only=True, pv_fp8=pv_fp8, ms=ms))
+    for pv in ("bf16", "fp8", "int8"):
+        ms = time_ms(lambda q, k, v, p=pv: K.quantize_qkv(q, k, v, 128, 128, p), (q, k, v))
+        rows.append(dict(prepass_only=True, pv=pv, ms=ms))
         print("sweep", rows[-1], flush=True)
     return rows
 
@@ -212,16 +214,13 @@ def main():
     result: dict[str, object] = dict(meta=meta)
     if args.sweep:
         result["sweep"] = rows = sweep()
-        for pv_fp8 in (False, True):  # the rest of this run uses the fastest configuration
-            ok = [r for r in rows if r.get("pv_fp8") == pv_fp8 and "tflops" in r]
+        for pv in ("bf16", "fp8", "int8"):  # the rest of this run uses the fastest config
+            ok = [r for r in rows if r.get("pv") == pv and "tflops" in r]
             if ok:
                 best = max(ok, key=lambda r: r["tflops"])
-                if pv_fp8:
-                    K.FP8_CONFIG = best["cfg"]
-                else:
-                    K.BF16_CONFIG = best["cfg"]
-                print(f"# best pv_fp8={pv_fp8}: {best}", flush=True)
-                result[f"best_{'fp8' if pv_fp8 else 'bf16'}"] = best
+                K.CONFIGS[pv] = best["cfg"]
+                print(f"# best pv={pv}: {best}", flush=True)
+                result[f"best_{pv}"] = best
 
     fns = backends()
     speed = []
