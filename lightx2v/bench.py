@@ -59,25 +59,30 @@ class BenchRow:
     size: str = ""
 
 
+# the 8-bit attention of the LightX2V rows: INT8 Q·Kᵀ and INT8 P·V, our fastest kernel that
+# passes the accuracy gate (docs/BENCHMARKS.md, attention section)
+ATTN8 = "lx2v-int8-int8"
+
+
 def default_rows() -> list[BenchRow]:
     """LightX2V's table: bf16; + 8-bit attention; FP8 + 8-bit attention; + TeaCache;
     4-step distilled; block offload. Ordered so each transformation is applied once."""
     return [
         BenchRow("diffusers bf16 (baseline)", impl="diffusers", compile=False),
         BenchRow("lx2v bf16 + sdpa", preset="bf16"),
-        BenchRow("lx2v bf16 + 8-bit attention", attention="lx2v-int8", preset="bf16-int8attn"),
-        BenchRow("lx2v FP8 + 8-bit attention", quant="fp8", attention="lx2v-int8", preset="fp8"),
+        BenchRow("lx2v bf16 + 8-bit attention", attention=ATTN8, preset="bf16-int8attn"),
+        BenchRow("lx2v FP8 + 8-bit attention", quant="fp8", attention=ATTN8, preset="fp8"),
         BenchRow(
             "lx2v FP8 + 8-bit attention + TeaCache",
             quant="fp8",
-            attention="lx2v-int8",
+            attention=ATTN8,
             teacache_skip=0.4,
             preset="fp8-teacache",
         ),  # fmt: skip
         BenchRow(
             "lx2v 4-step distilled, FP8 + 8-bit attention",
             quant="fp8",
-            attention="lx2v-int8",
+            attention=ATTN8,
             steps=4,
             cfg=False,
             preset="distill",
@@ -85,7 +90,7 @@ def default_rows() -> list[BenchRow]:
         BenchRow(
             "lx2v FP8 + 8-bit attention, block offload",
             quant="fp8",
-            attention="lx2v-int8",
+            attention=ATTN8,
             offload="block",
             preset="low-vram",
         ),  # fmt: skip
@@ -94,7 +99,7 @@ def default_rows() -> list[BenchRow]:
         BenchRow(
             "lx2v FP8 + 8-bit attention, --max-vram 24 (RTX 4090 memory)",
             quant="fp8",
-            attention="lx2v-int8",
+            attention=ATTN8,
             offload="auto",
             max_vram=24.0,
             preset="rtx4090",
@@ -380,11 +385,24 @@ def run_bench(
                     quantized = True
                     gc.collect()
                 if (row.offload, row.max_vram) != offloaded:
-                    from lightx2v.runtime.offload import apply_offload, remove_offload
+                    from lightx2v.runtime.offload import (
+                        _tokens,
+                        apply_offload,
+                        offloader_of,
+                        remove_offload,
+                    )
 
                     remove_offload(ours)  # (no-op when nothing is offloaded)
                     apply_offload(ours, row.offload, dev, max_vram_gb=row.max_vram)
                     offloaded = (row.offload, row.max_vram)
+                    off = offloader_of(ours)
+                    if row.offload == "auto" and off is not None:
+                        # what lx2v run's runner does before the first step: pick the
+                        # resident set for this batch and token count under the budget
+                        off.plan(ours.arch, x.shape[0], _tokens(ours, x))
+                        row.note = (
+                            f"{len(off.resident_blocks)} of {len(ours.blocks)} blocks resident"
+                        )
                 try:
                     set_attention_backend(row.attention)
                 except LX2VError as e:
@@ -392,7 +410,8 @@ def run_bench(
                         row.note = f"skipped: {e}"
                         continue
                     set_attention_backend("sdpa")
-                    row.note = f"dry run: {row.attention} unavailable, sdpa used"
+                    note = f"dry run: {row.attention} unavailable, sdpa used"
+                    row.note = f"{row.note}; {note}" if row.note else note
                 key = _config_key(row)
                 if row.compile and dev.type == "cuda" and key not in measured:
                     torch._dynamo.reset()

@@ -25,6 +25,8 @@ def test_bench_dry_run(tmp_path, capsys):
     # offload row on the same model (the offload is swapped between the two)
     r4090 = next(r for r in rows if r["preset"] == "rtx4090")
     assert r4090["offload"] == "auto" and r4090["max_vram"] == 24.0 and r4090["s_per_forward"]
+    # the auto row plans its resident set as `lx2v run` does (the tiny model fits 24 GB)
+    assert "blocks resident" in r4090["note"] and not r4090["note"].startswith("0 of")
     assert "| 480p |" in capsys.readouterr().out
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
