@@ -162,35 +162,47 @@ def _quant_v_kernel(
     tl.store(base + d[:, None] * L_pad + t[None, :], tl.trans(xq))
 
 
-# p ∈ [0, 127] → round(p) as int8, four values per asm call: through fp16, where 1024 + n
-# holds n in the low bits of its mantissa (two f32→f16x2 conversions, two f16x2 adds of
-# 1024, one byte permute): 5 instructions per 4 values, where adding 1.5·2²³ in fp32 and
-# truncating took one add per value plus the byte packing (H200: 643-651 vs 669-688
-# TFLOP/s with the FMA below, 2026-11-28)
+# p ∈ [0, 1] → round(127·p) as int8, four values per asm call: through fp16, where
+# 1024 + n holds n in the low bits of its mantissa (two f32→f16x2 conversions, two f16x2
+# FMAs p·127 + 1024, one byte permute): 5 instructions per 4 values. cvt.f16x2 puts its
+# first source in the upper half, so $1 is in the lower half and selector 0x6420 makes
+# byte i = round(127·input i), little-endian, as Triton's pack=4 unpacks it. Rounding is
+# to nearest even after an fp16 rounding of p: one step off a plain round on ~2% of
+# values (near ties). Measured on an H200 (2026-11-28, the add form p + 1024 of
+# p ∈ [0, 127]): 674 → 687 TFLOP/s against adding 1.5·2²³ in fp32 and truncating.
 _ROUND_I8X4 = tl.constexpr("""{
-    .reg .b32 h0, h1, c;
+    .reg .b32 h0, h1, k, c;
+    mov.b32 k, 0x57F057F0;
     mov.b32 c, 0x64006400;
     cvt.rn.f16x2.f32 h0, $2, $1;
     cvt.rn.f16x2.f32 h1, $4, $3;
-    add.rn.f16x2 h0, h0, c;
-    add.rn.f16x2 h1, h1, c;
+    fma.rn.f16x2 h0, h0, k, c;
+    fma.rn.f16x2 h1, h1, k, c;
     prmt.b32 $0, h0, h1, 0x6420;
 }""")
-LOG2_127 = tl.constexpr(6.988684686772166)  # log2(127)
+
+
+@triton.jit
+def _round22(s):
+    """s rounded to 22 significant bits, so that 1.5·2²³·s is exact in fp32."""
+    return ((s.to(tl.int32, bitcast=True) + 2) & -4).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _pv_int8_update(
     p, m_blk, m_i, l_i, acc, DV, bh, j, D: tl.constexpr, BLOCK_N: tl.constexpr
 ):  # fmt: skip
-    """O += P·V with INT8 operands for one key block. p = 127·exp2(S − m_blk) ∈ [0, 127] is
-    relative to this block's own row maximum m_blk, so every block uses the whole INT8
-    range; the row scale exp2(m_blk − m)/127, applied to the block's int32 product, puts it
-    back on the running scale (it cancels in the softmax otherwise)."""
+    """O += P·V with INT8 operands for one key block. p = exp2(S − m_blk) ∈ [0, 1] is
+    relative to this block's own row maximum m_blk and rounded to 127·p, so every block
+    uses the whole INT8 range; the row scale exp2(m_blk − m)/127, applied to the block's
+    int32 product, puts it back on the running scale (it cancels in the softmax
+    otherwise). p must not exceed 1 by more than fp16 rounding absorbs: 127.5 would wrap
+    to −128 (`_softmax_pv_step` makes the row maximum's exponent exactly 0)."""
     m_new = tl.maximum(m_i, m_blk)
     alpha = tl.math.exp2(m_i - m_new)
-    rs = tl.math.exp2(m_blk - m_new) * (1.0 / 127.0)
-    l_i = l_i * alpha + tl.sum(p, 1) * rs
+    w = tl.math.exp2(m_blk - m_new)
+    rs = w * (1.0 / 127.0)
+    l_i = l_i * alpha + tl.sum(p, 1) * w
     p8 = tl.inline_asm_elementwise(
         asm=_ROUND_I8X4, constraints="=r,r,r,r,r", args=[p], dtype=tl.int8, is_pure=True, pack=4
     )
@@ -199,7 +211,7 @@ def _pv_int8_update(
     x = (pv + 0x4B400000).to(tl.float32, bitcast=True)  # = pv + 1.5·2²³ exactly
     # (x − 1.5·2²³)·rs as one FMA x·rs + c with c = −1.5·2²³·rs rounded to fp32: off by at
     # most 0.75·rs, the same for every channel of a row, ≈ 2⁻¹⁴ of a typical block product
-    # (the exact subtraction first measured 651 vs 688 TFLOP/s, H200)
+    # (H200: 651 → 674 TFLOP/s against subtracting first)
     acc = acc * alpha[:, None] + (x * rs[:, None] + (-12582912.0 * rs)[:, None])
     return m_new, l_i, acc
 
@@ -211,14 +223,21 @@ def _softmax_pv_step(
 ):  # fmt: skip
     """One full key block: online softmax of the int32 logits qk (scale s) and O += P·V.
     PV: 0 = bf16, 1 = FP8, 2 = INT8."""
-    qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True)
     if PV == 2:
-        m_blk = tl.max(qk, 1).to(tl.float32) * s
-        # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_blk + log2 L, one FMA
-        bias = m_blk - LOG2_127 + 12582912.0 * s
-        p = tl.math.exp2(qkf * s - bias[:, None])
+        qk_max = tl.max(qk, 1)
+        s = _round22(s)
+        # 1.5·2²³ + (qk − qk_max) read as float (exact: |qk − qk_max| < 2²²), then one FMA
+        # with the exact −1.5·2²³·s: the correctly rounded (qk − qk_max)·s, ≤ 0 and exactly
+        # 0 at the row maximum, so p ≤ 1 there whatever the scale. (Folding m_blk into one
+        # bias of size 1.5·2²³·s instead rounds every exponent of the row by up to half an
+        # ulp of that bias: from s ≈ 1e-2, i.e. |q|·|k| maxima ≈ 1300, p at the maximum
+        # reached 127.5 and wrapped to −128.)
+        qkd = (qk + (0x4B400000 - qk_max)[:, None]).to(tl.float32, bitcast=True)
+        p = tl.math.exp2(tl.fma(qkd, s, -12582912.0 * s))
+        m_blk = qk_max.to(tl.float32) * s
         m_new, l_i, acc = _pv_int8_update(p, m_blk, m_i, l_i, acc, DV, bh, j, D, BLOCK_N)
     else:
+        qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True)
         m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * s)
         bias = m_new - 8.0 + 12582912.0 * s
         # (qk + 1.5·2²³ read as float) · s − bias = qk·s − m_new + 8, one FMA
@@ -279,13 +298,16 @@ def _attn_fwd_kernel(
         valid = (j * BLOCK_N + offs_n) < Lk
         k = DK.load([k_row + j * BLOCK_N, 0])
         s = qs * tl.load(ks_ptr + j)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * s
-        qk = tl.where(valid[None, :], qk, float("-inf"))
+        qk = tl.dot(q, tl.trans(k))  # int32
         if PV == 2:
-            m_blk = tl.max(qk, 1)
-            p = tl.math.exp2(qk - (m_blk - LOG2_127)[:, None])
+            s = _round22(s)
+            qk_max = tl.max(tl.where(valid[None, :], qk, -(2**30)), 1)
+            d = (qk - qk_max[:, None]).to(tl.float32)  # exact; ≤ 0 on valid keys
+            p = tl.where(valid[None, :], tl.math.exp2(d * s), 0.0)
+            m_blk = qk_max.to(tl.float32) * s
             m_i, l_i, acc = _pv_int8_update(p, m_blk, m_i, l_i, acc, DV, bh, j, D, BLOCK_N)
         else:
+            qk = tl.where(valid[None, :], qk.to(tl.float32) * s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - (m_new - 8.0)[:, None])
             alpha = tl.math.exp2(m_i - m_new)

@@ -398,10 +398,13 @@ def run_bench(
                     off = offloader_of(ours)
                     if row.offload == "auto" and off is not None:
                         # what lx2v run's runner does before the first step: pick the
-                        # resident set for this batch and token count under the budget
+                        # resident set under the budget, here for the batch the bench
+                        # times (1, like every peak in the table: `--cfg-sequential`;
+                        # batched CFG plans for 2 and keeps fewer blocks)
                         off.plan(ours.arch, x.shape[0], _tokens(ours, x))
                         row.note = (
-                            f"{len(off.resident_blocks)} of {len(ours.blocks)} blocks resident"
+                            f"{len(off.resident_blocks)} of {len(ours.blocks)} blocks "
+                            f"resident (batch {x.shape[0]})"
                         )
                 try:
                     set_attention_backend(row.attention)

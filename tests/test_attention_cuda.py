@@ -79,15 +79,35 @@ def test_kernel_vs_reference(shape, pv):
 
 def test_int8_pv_partial_block_and_offsets():
     """INT8 P·V against its simulation where the last key block is partial, with offset k
-    and a v whose channels have large means (the per-channel offset path)."""
+    and a v whose channels have means large enough for the per-channel offset path. q is
+    scaled up so attention is sharp enough that an output ignoring it (v's mean) would be
+    far off: this test can fail."""
     q, k, v = qkv(2, 1000, 4001, 2, seed=11, k_offset=5.0)
-    v = (v.float() + 6.0 * torch.randn(128, device=DEV)).bfloat16()
+    g = torch.Generator(device=DEV).manual_seed(111)
+    q = (q.float() * 3.0).bfloat16()
+    v = (v.float() + 1.5 * torch.randn(128, device=DEV, generator=g)).bfloat16()
     out = K.attention_int8(q, k, v, pv="int8")
     bm, bn = K.config("int8")[:2]
     sim = A.attention_8bit_sim(q, k, v, pv="int8", block_m=bm, block_n=bn)
     ref = A.attention_ref(q.float(), k.float(), v.float())
+    assert A.rel_l2(v.float().mean(1, keepdim=True).expand_as(ref), ref) > 0.05
     assert A.rel_l2(out, sim) <= 0.01
     assert A.rel_l2(out, ref) <= A.GATE_REL_L2 and A.cosine(out, ref) >= A.GATE_COSINE
+
+
+@pytest.mark.parametrize("scale", [12.0, 40.0])
+def test_int8_pv_large_logits(scale):
+    """Large q and k (logit scales s ≈ 2e-2 and 0.25, where the row maximum's P must still
+    round to 127 and never wrap to −128, as it did from s ≈ 1e-2 before the exponent was
+    taken relative to the integer row maximum): the kernel against its simulation, full
+    and partial key blocks."""
+    q, k, v = qkv(1, 300, 1000, 2, seed=12)
+    q, k = (q.float() * scale).bfloat16(), (k.float() * scale).bfloat16()
+    out = K.attention_int8(q, k, v, pv="int8")
+    bm, bn = K.config("int8")[:2]
+    sim = A.attention_8bit_sim(q, k, v, pv="int8", block_m=bm, block_n=bn)
+    assert torch.isfinite(out).all()
+    assert A.rel_l2(out, sim) <= 0.01
 
 
 @pytest.mark.parametrize(

@@ -81,12 +81,13 @@ def attention_8bit_sim(
 
     q·D^-½·log2e → INT8 per block_m rows; k − mean_k(over tokens) → INT8 per block_n rows
     (softmax is unchanged by the shift); S in log2 units. P·V by `pv`:
-    - "bf16": P = exp2(S − max) rounded to v's 16-bit type, v as given;
+    - "bf16": P = exp2(S − max + 8) rounded to v's 16-bit type, v as given;
     - "fp8": P = exp2(S − max + 8) → e4m3, v − `v_offset` → e4m3 with a per-channel scale
       (amax/448);
     - "int8": per key block of block_n and per row, P = 127·exp2(S − the block's row max)
-      rounded to an integer and weighted by exp2(block max − max)/127; v − `v_offset` →
-      INT8 with a per-channel scale (amax/127).
+      rounded to an integer (half up; the kernel rounds to nearest through fp16, which
+      differs on ~1-2% of values, by one step) and weighted by exp2(block max − max)/127;
+      v − `v_offset` → INT8 with a per-channel scale (amax/127).
     out = P·V / ΣP (+ the offset), ΣP from the unrounded P."""
     qf, kf, vf = q.float(), k.float(), v.float()
     D = q.shape[-1]
@@ -94,7 +95,7 @@ def attention_8bit_sim(
     kq = _quant_int8_blocks(kf - kf.mean(1, keepdim=True), block_n)
     s = torch.einsum("bqhd,bkhd->bhqk", qq, kq)
     if pv == "bf16":
-        p = torch.exp2(s - s.amax(-1, keepdim=True))
+        p = torch.exp2(s - s.amax(-1, keepdim=True) + 8.0)  # as the kernel: max P = 256
         pq = p.to(v.dtype).float() if v.dtype in (torch.bfloat16, torch.float16) else p
         return torch.einsum("bhqk,bkhd->bqhd", pq / p.sum(-1, keepdim=True), vf).to(q.dtype)
     mu = v_offset(vf.mean(1), vf.amax(1), vf.amin(1)).unsqueeze(1)  # [B, 1, H, D]
