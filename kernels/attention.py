@@ -408,7 +408,7 @@ def attention_int8(
     k: torch.Tensor,
     v: torch.Tensor,
     pv: str = "bf16",
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     two_level: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√D)·v over [B, L, H, D] tensors (bf16/fp16, D = 128); returns a new
@@ -424,7 +424,9 @@ def attention_int8(
         raise ValueError("lx2v-int8 attention needs non-empty q and k")
     # TMA needs a unit last stride and 16-byte aligned other strides and base
     q, k, v = (x if _tma_ok(x) else x.contiguous() for x in (q, k, v))
-    block_m, block_n, warps, stages = config or CONFIGS[pv]
+    # a 5th config entry, when given, caps registers per thread (ptxas .maxnreg)
+    block_m, block_n, warps, stages, *maxnreg = config or CONFIGS[pv]
+    opts = {"maxnreg": maxnreg[0]} if maxnreg else {}
     two_level = FP8_TWO_LEVEL if two_level is None else two_level
     qz = quantize_qkv(q, k, v, block_m, block_n, pv)
     out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
@@ -442,7 +444,7 @@ def attention_int8(
         dq, qz["qs"], dk, qz["ks"], dv, vmean, vscale, do,
         Lk, qz["Lq_pad"], qz["Lk_pad"], H,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, PV=PV_MODES[pv], TWO_LEVEL=two_level,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **opts,
     )  # fmt: skip
     return out
 

@@ -9,7 +9,8 @@
 #   tools/gpu_check.sh final      build + csrc, GEMM and fused-op GPU tests; csrc, GEMM and
 #                                 one-block benchmarks; `lx2v run --preset fp8`
 #                                 (GEMM_TUNE=1: the GEMM config sweep first)
-#   tools/gpu_check.sh attention  the attention benchmark with the kernel sweep and case (c)
+#   tools/gpu_check.sh attention  attention GPU tests; the attention benchmark with the kernel
+#                                 sweep and case (c) (~5 min on an H200)
 #   tools/gpu_check.sh wheel      a wheel for 9.0a, installed in a fresh venv and imported
 #   tools/gpu_check.sh e2e        `lx2v run` on the embedded default with every preset,
 #                                 and the VAE decode benchmark
@@ -74,6 +75,11 @@ csrc)
     done
     ;;
 attention)
+    # Peers: sageattention from .whl; flash-attn-4 needs its wheels installed with pip
+    # --target first and the CUTLASS DSL libraries tarball unpacked over them afterwards
+    # (pip --upgrade replaces the directory the tarball fills), plus
+    # PYTHONPATH+=:<target>/nvidia_cutlass_dsl/dsl_packages (its .pth is not read there).
+    step test_attention 280 python3 -m pytest -q -m cuda tests/test_attention_cuda.py -rs
     step bench_attention 560 python3 tools/bench_attention.py --sweep --captured --json "$OUT/attention.json"
     ;;
 wheel)
