@@ -27,7 +27,9 @@ Algorithm (the PyTorch simulation is `lightx2v.ops.attention.attention_8bit_sim`
    levels", FP8_TWO_LEVEL) because Hopper's FP8 MMA accumulates with fewer bits than fp32.
    INT8 P·V (`_pv_int8_update`) instead rounds P = 127·exp2(S − m_block) against the key
    block's own row maximum, multiplies exactly in int32 and rescales each block's product
-   by exp2(m_block − m)/127 into the fp32 accumulator: 7 bits where e4m3 has 3.
+   by exp2(m_block − m)/127 into the fp32 accumulator: P in steps of 1/127 of the block's
+   maximum and V in steps of 1/127 of the channel's range, where e4m3 keeps 3 mantissa
+   bits of each value.
    The last, partial key block is peeled off and masked, so the main loop has no masks.
    q, k and v tiles move by TMA (tensor descriptors).
 
