@@ -172,7 +172,7 @@ def sweep(S=32760, H=40):
     # ptxas -v on the Triton 3.6 PTX for sm_90a, 2026-11-28). Not yet timed.
     # run 2 (same day) also tried a hand-pipelined key loop and Triton's warp_specialize:
     # no gain (see kernels/attention.py)
-    for pv in ("bf16", "fp8", "int8"):
+    for pv in K.PV_MODES:
         for cfg in cfgs[pv]:
             for two_level in (True, False) if pv == "fp8" else (True,):
                 row = dict(pv=pv, cfg=cfg, two_level=two_level)
@@ -188,7 +188,7 @@ def sweep(S=32760, H=40):
                 rows.append(row)
                 print("sweep", rows[-1], flush=True)
     # the pre-pass alone
-    for pv in ("bf16", "fp8", "int8"):
+    for pv in K.PV_MODES:
         ms = time_ms(lambda q, k, v, p=pv: K.quantize_qkv(q, k, v, 128, 128, p), (q, k, v))
         rows.append(dict(prepass_only=True, pv=pv, ms=ms))
         print("sweep", rows[-1], flush=True)
@@ -219,7 +219,7 @@ def main():
     result: dict[str, object] = dict(meta=meta)
     if args.sweep:
         result["sweep"] = rows = sweep()
-        for pv in ("bf16", "fp8", "int8"):  # the rest of this run uses the fastest config
+        for pv in K.PV_MODES:  # the rest of this run uses the fastest config
             ok = [r for r in rows if r.get("pv") == pv and "tflops" in r]
             if ok:
                 best = max(ok, key=lambda r: r["tflops"])

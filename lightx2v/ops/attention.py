@@ -56,6 +56,11 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
+def _round_away(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, as the kernels' INT8 quantisation does."""
+    return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5))
+
+
 def _quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [B, L, H, D] fp32 → INT8 values times their scale (one scale per `block` rows of
     each head, amax/127, round half away from zero), as the kernel's pre-pass does."""
@@ -63,9 +68,7 @@ def _quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     pad = -L % block
     xp = F.pad(x, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, block))  # [B, nb, block, H, D]
     scale = xp.abs().amax(dim=(2, 4), keepdim=True).clamp_min(1e-30) / 127.0
-    xs = xp / scale
-    xq = torch.trunc(xs + torch.where(xs >= 0, 0.5, -0.5)).clamp(-127, 127)
-    return (xq * scale).flatten(1, 2)[:, :L]
+    return (_round_away(xp / scale).clamp(-127, 127) * scale).flatten(1, 2)[:, :L]
 
 
 def attention_8bit_sim(
@@ -109,18 +112,14 @@ def attention_8bit_sim(
         return (out + mu).to(q.dtype)
     if pv != "int8":
         raise ValueError(f"pv must be bf16, fp8 or int8, got {pv!r}")
-    levels = 127.0
-    xs = vc / (amax / 127.0)
-    vq = torch.trunc(xs + torch.where(xs >= 0, 0.5, -0.5)) * (amax / 127.0)
+    vq = _round_away(vc / (amax / 127.0)) * (amax / 127.0)
     Lk = s.shape[-1]
-    pad = -Lk % block_n
-    sb = F.pad(s, (0, pad), value=float("-inf")).unflatten(-1, (-1, block_n))
+    sb = F.pad(s, (0, -Lk % block_n), value=float("-inf")).unflatten(-1, (-1, block_n))
     m_blk = sb.amax(-1, keepdim=True)  # [B, H, Lq, nblk, 1]
-    m = m_blk.amax(-2, keepdim=True)
-    p = torch.exp2(sb - m_blk) * levels
-    w = torch.floor(p + 0.5) * (torch.exp2(m_blk - m) / levels)
-    denom = (p * (torch.exp2(m_blk - m) / levels)).sum((-1, -2)).unsqueeze(-1)
-    w = (w / denom.unsqueeze(-1)).flatten(-2)[..., :Lk]
+    p = torch.exp2(sb - m_blk)  # ∈ [0, 1], 1 at each block's row maximum
+    blk_w = torch.exp2(m_blk - m_blk.amax(-2, keepdim=True))  # the block's weight in the row
+    denom = (p * blk_w).sum((-1, -2), keepdim=True)
+    w = (torch.floor(p * 127.0 + 0.5) / 127.0 * blk_w / denom).flatten(-2)[..., :Lk]
     return (torch.einsum("bhqk,bkhd->bqhd", w, vq) + mu).to(q.dtype)
 
 
