@@ -19,7 +19,9 @@
 //
 // Tried and measured slower on an H200 (docs/BENCHMARKS.md): one reduction for both
 // moments about a pivot (also wrong on rows whose first channel is an outlier), loads with
-// an L2 prefetch hint, and double-buffering the next row through shared memory (cp.async).
+// an L2 prefetch hint, double-buffering the next row through shared memory (cp.async), a
+// bulk L2 prefetch (cp.async.bulk.prefetch) of the CTA's next row or the one after it, and
+// a ring of two row buffers in shared memory filled by one bulk (TMA) copy per row.
 
 #include "common.cuh"
 

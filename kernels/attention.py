@@ -50,17 +50,20 @@ MAGIC_I = 0x4B400000  # bit pattern of 12582912.0 = 1.5·2²³
 MAGIC_F = 12582912.0
 P_SHIFT = 8.0  # P is stored as 2⁸·exp2(s − m): max 256 < 448 (e4m3's largest finite)
 PAD = 128  # quantised copies are padded to a multiple of this many rows
-STATS_CHUNK = 512
+# tokens per program of the statistics pre-pass (H200, S = 32760, H = 40, k and v: 1024
+# tokens, 16-row tiles and 4 warps 0.21 ms; 512 and 32-row tiles 0.23-0.41 ms)
+STATS_CHUNK = 1024
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) used unless the caller names one: the fastest
-# of `tools/bench_attention.py --sweep` on an H200, S = 32760, H = 40: bf16 P·V 614-624
-# TFLOP/s at (128, 128, 8, 4) (2026-11-27); FP8 and INT8 P·V at (64, 128, 4, 3): FP8
-# 746-747 against 688-692 with 2 stages (2026-11-28; the day before, 2 stages measured
-# 700-765, run-to-run spread ≈ 5%), INT8 687 against 669 (same run). 64-row tiles on one
-# warpgroup let two programs share a multiprocessor and overlap one's softmax with the
-# other's matrix products. None of these spills registers (cubin resource usage);
-# pointer-tensor loads spilled 400-2800 bytes, hence the TMA descriptors.
-CONFIGS = {"bf16": (128, 128, 8, 4), "fp8": (64, 128, 4, 3), "int8": (64, 128, 4, 3)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) used unless the caller names one:
+# the fastest of `tools/bench_attention.py --sweep` on an H200, S = 32760, H = 40. bf16 P·V:
+# 614-629 TFLOP/s at (128, 128, 8, 4) (2026-11-27/28). FP8 and INT8 P·V: 64-row tiles on one
+# warpgroup, 2 stages, registers capped at 168 per thread (ptxas: no spills; 160 spills), so
+# that three programs share a multiprocessor (74 KB of shared memory each) and overlap one's
+# softmax with the others' matrix products: INT8 745 and FP8 776 against 715 and 755 for
+# two programs with 3 stages and no cap (same run, 2026-11-28). A 5th entry is the cap.
+# None of these spills registers; pointer-tensor loads spilled 400-2800 bytes, hence the
+# TMA descriptors.
+CONFIGS = {"bf16": (128, 128, 8, 4), "fp8": (64, 128, 4, 2, 168), "int8": (64, 128, 4, 2, 168)}
 # FP8 P·V: add each tile's product to the fp32 accumulator in ordinary fp32 (True), or let
 # the tensor cores accumulate across the whole key loop (False). Hopper's FP8 MMA
 # accumulates with fewer bits than fp32; at S = 75600 one level measured rel-L2 3.96e-2
@@ -70,6 +73,11 @@ FP8_TWO_LEVEL = True
 # j+1's Q·Kᵀ before block j's softmax by hand (software pipelining) was slower in every
 # configuration (bf16 P·V 553 vs 624 TFLOP/s, FP8 P·V 720 vs 771), and Triton 3.6's
 # tl.range(warp_specialize=True) changed nothing on Hopper (623 vs 624, 779 vs 771: noise).
+# 2026-11-28, INT8 P·V at the capped config: moving the running maximum only when a block's
+# maximum passes it by more than 8 (log2 units; one tile-wide decision), so most blocks add
+# their product with one conversion and one FMA instead of rescaling: 750 and 716 against
+# 756 and 707 in alternating runs, no gain (the tile-wide decision costs a cross-warp
+# reduction per block).
 
 
 @triton.jit
@@ -78,35 +86,35 @@ def _stats_kernel(
     skb, skl, skh, svb, svl, svh,
     CHUNK: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, WITH_V: tl.constexpr,
 ):  # fmt: skip
-    """Partials over one chunk of tokens: Σk (and Σv, max v, min v) per channel."""
+    """Partials over one chunk of tokens: Σk (and Σv, max v, min v) per channel. The loop
+    accumulates whole [BT, D] tiles elementwise and reduces over tokens once at the end (a
+    reduction per tile measured 0.80 ms for k and v at S = 32760, H = 40 on an H200)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     d = tl.arange(0, D)
-    sk = tl.zeros([D], dtype=tl.float32)
-    sv = tl.zeros([D], dtype=tl.float32)
-    mx = tl.full([D], float("-inf"), dtype=tl.float32)
-    mn = tl.full([D], float("inf"), dtype=tl.float32)
+    sk = tl.zeros([BT, D], dtype=tl.float32)
+    sv = tl.zeros([BT, D], dtype=tl.float32)
+    mx = tl.full([BT, D], float("-inf"), dtype=tl.float32)
+    mn = tl.full([BT, D], float("inf"), dtype=tl.float32)
     kb = K + b * skb + h * skh
     vb = V + b * svb + h * svh
     for t0 in range(0, CHUNK, BT):
         t = c * CHUNK + t0 + tl.arange(0, BT)
-        m = t < L
-        kk = tl.load(kb + t[:, None] * skl + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-        sk += tl.sum(kk, 0)
+        m = (t < L)[:, None]
+        sk += tl.load(kb + t[:, None] * skl + d[None, :], mask=m, other=0.0).to(tl.float32)
         if WITH_V:
-            vv = tl.load(vb + t[:, None] * svl + d[None, :], mask=m[:, None], other=0.0)
-            vv = vv.to(tl.float32)
-            sv += tl.sum(vv, 0)
-            mx = tl.maximum(mx, tl.max(tl.where(m[:, None], vv, float("-inf")), 0))
-            mn = tl.minimum(mn, tl.min(tl.where(m[:, None], vv, float("inf")), 0))
+            vv = tl.load(vb + t[:, None] * svl + d[None, :], mask=m, other=0.0).to(tl.float32)
+            sv += vv
+            mx = tl.maximum(mx, tl.where(m, vv, float("-inf")))
+            mn = tl.minimum(mn, tl.where(m, vv, float("inf")))
     base = PART + (bh * nch + c) * D + d
-    tl.store(base, sk)
+    tl.store(base, tl.sum(sk, 0))
     if WITH_V:
-        tl.store(base + part_stride, sv)
-        tl.store(base + 2 * part_stride, mx)
-        tl.store(base + 3 * part_stride, mn)
+        tl.store(base + part_stride, tl.sum(sv, 0))
+        tl.store(base + 2 * part_stride, tl.max(mx, 0))
+        tl.store(base + 3 * part_stride, tl.min(mn, 0))
 
 
 @triton.jit
@@ -371,7 +379,7 @@ def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16"):
     _stats_kernel[(nch, BH)](
         k, v, part, Lk, H, nch, BH * nch * D,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        CHUNK=STATS_CHUNK, BT=32, D=D, WITH_V=v8, num_warps=4,
+        CHUNK=STATS_CHUNK, BT=16, D=D, WITH_V=v8, num_warps=4,
     )  # fmt: skip
     k_mean = part[0].sum(1) / Lk
 
@@ -455,6 +463,7 @@ def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
-def config(pv: str) -> tuple[int, int, int, int]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) used by default for a P·V precision."""
+def config(pv: str) -> tuple[int, ...]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) used by default for a P·V
+    precision."""
     return CONFIGS[pv]

@@ -169,7 +169,8 @@ def sweep(S=32760, H=40):
     # A 5th entry caps registers per thread. (64, 128, 4, 2, 168): 168 registers × 128
     # threads and 74 KB of shared memory let three programs share a multiprocessor instead
     # of two (INT8 otherwise uses 186 registers, FP8 175; 168 does not spill, 160 does:
-    # ptxas -v on the Triton 3.6 PTX for sm_90a, 2026-11-28). Not yet timed.
+    # ptxas -v on the Triton 3.6 PTX for sm_90a). H200, 2026-11-28: INT8 745, FP8 776
+    # against 715 and 755 at (64, 128, 4, 3): now the default of both.
     # run 2 (same day) also tried a hand-pipelined key loop and Triton's warp_specialize:
     # no gain (see kernels/attention.py)
     for pv in K.PV_MODES:
