@@ -20,8 +20,9 @@
 // Tried and measured slower on an H200 (docs/BENCHMARKS.md): one reduction for both
 // moments about a pivot (also wrong on rows whose first channel is an outlier), loads with
 // an L2 prefetch hint, double-buffering the next row through shared memory (cp.async), a
-// bulk L2 prefetch (cp.async.bulk.prefetch) of the CTA's next row or the one after it, and
-// a ring of two row buffers in shared memory filled by one bulk (TMA) copy per row.
+// bulk L2 prefetch (cp.async.bulk.prefetch) of the CTA's next row or the one after it, a
+// ring of two row buffers in shared memory filled by one bulk (TMA) copy per row, and
+// loading the next row into registers before reducing the current one (96 registers).
 
 #include "common.cuh"
 
