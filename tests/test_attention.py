@@ -160,3 +160,90 @@ def test_fa4_goes_through_a_custom_op_that_compiles(monkeypatch):
     compiled = torch.compile(lambda q, k, v: A._fa4_attention_op(q, k, v) * 2, fullgraph=True)
     assert torch.allclose(compiled(q, k, v), 2 * eager)
     torch.library.opcheck(torch.ops.lightx2v.fa4_attention, (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------
+# the 8-bit kernels' pre-pass (statistics and quantisation), run by Triton's interpreter on
+# CPU tensors. The interpreter must be on before triton is imported: tests/test_ops.py's
+# test_triton_kernels_under_interpreter runs these (`-k interpreted`) in a child pytest
+# with TRITON_INTERPRET=1. The main kernel moves tiles by TMA, which the interpreter does
+# not model: it is tested on the GPU (tests/test_attention_cuda.py).
+
+
+@pytest.fixture
+def kernels_interpreted():
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs in the child pytest with TRITON_INTERPRET=1")
+    from lightx2v.kernels import attention as K
+
+    return K
+
+
+def _per_head(x: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, D] → [B·H, L, D] in fp32."""
+    B, L, H, D = x.shape
+    return x.float().permute(0, 2, 1, 3).reshape(B * H, L, D)
+
+
+@pytest.mark.parametrize("L", [77, 1100])  # one partial chunk; a full and a partial one
+def test_interpreted_stats_kernel(kernels_interpreted, L):
+    K = kernels_interpreted
+    B, H, D = 2, 3, 128
+    # k a strided view (heads of a wider tensor), v with a large per-channel mean
+    k = rnd(B, L, H + 1, D, seed=L).bfloat16()[:, :, 1:]
+    v = (rnd(B, L, H, D, seed=L + 1, offset=4.0) * 3).bfloat16()
+    nch = -(-L // K.STATS_CHUNK)
+    part = torch.full((4, B * H, nch, D), float("nan"))
+    K._stats_kernel[(nch, B * H)](
+        k, v, part, L, H, nch, B * H * nch * D,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        CHUNK=K.STATS_CHUNK, BT=16, D=D, WITH_V=True, num_warps=4,
+    )  # fmt: skip
+    kf, vf = _per_head(k), _per_head(v)
+    torch.testing.assert_close(part[0].sum(1), kf.sum(1), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(part[1].sum(1), vf.sum(1), rtol=1e-5, atol=1e-3)
+    assert torch.equal(part[2].amax(1), vf.amax(1))
+    assert torch.equal(part[3].amin(1), vf.amin(1))
+
+
+def test_interpreted_quantize_qkv_int8(kernels_interpreted):
+    K = kernels_interpreted
+    B, Lq, Lk, H, D = 2, 70, 150, 2, 128
+    q = rnd(B, Lq, H, D, seed=11).bfloat16()
+    k = rnd(B, Lk, H, D, seed=12, offset=6.0).bfloat16()
+    v = (rnd(B, Lk, H, D, seed=13, offset=3.0) * 2).bfloat16()
+    z = K.quantize_qkv(q, k, v, 64, 128, "int8")
+    assert (z["Lq_pad"], z["Lk_pad"]) == (128, 256)
+
+    def same_codes(x8, scales, block, want):
+        """INT8 codes × per-block scales against the simulation's block quantisation: equal
+        but for one step where the two fp32 evaluation orders round a near-tie apart."""
+        step = scales.repeat_interleave(block, dim=1)[:, : want.shape[1], None]
+        got = x8[:, : want.shape[1]].float() * step
+        assert ((got - want).abs() <= step * 1.001).all()
+        assert ((got - want).abs() <= step * 1e-3).float().mean() > 0.999
+
+    # q · D^-½ · log2(e), one scale per 64 rows; padded rows are zero
+    mult = D**-0.5 * math.log2(math.e)
+    q8 = z["q8"].view(B * H, 128, D)
+    same_codes(q8, z["qs"], 64, _per_head(A._quant_int8_blocks(q.float() * mult, 64)))
+    assert not q8[:, Lq:].any()
+
+    # k smoothed by its per-channel mean, one scale per 128 rows
+    kc = k.float() - k.float().mean(1, keepdim=True)
+    same_codes(z["k8"].view(B * H, 256, D), z["ks"], 128, _per_head(A._quant_int8_blocks(kc, 128)))
+
+    # v: transposed [B·H, D, Lk_pad], (v − offset) / (amax / 127) rounded half away from 0
+    vf = _per_head(v)
+    off = K.v_offset(vf.mean(1), vf.amax(1), vf.amin(1))
+    torch.testing.assert_close(z["v_mean"], off)
+    amax = torch.maximum(vf.amax(1) - off, off - vf.amin(1))
+    torch.testing.assert_close(z["v_scale"], amax / 127)
+    codes = A._round_away((vf - off[:, None]) / (amax / 127)[:, None])
+    got = z["vt8"].transpose(1, 2)  # [B·H, Lk_pad, D]
+    assert (got[:, :Lk].float() - codes).abs().max() <= 1  # ±1 where fp32 rounding ties
+    assert (got[:, :Lk].float() == codes).float().mean() > 0.999
+    assert not got[:, Lk:].any()

@@ -574,6 +574,7 @@ def test_triton_kernels_under_interpreter():
         "-p",
         "no:cacheprovider",
         __file__,
+        os.path.join(os.path.dirname(__file__), "test_attention.py"),  # the attention pre-pass
         "-k",
         "interpreted",
     ]
