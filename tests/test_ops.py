@@ -574,7 +574,9 @@ def test_triton_kernels_under_interpreter():
         "-p",
         "no:cacheprovider",
         __file__,
-        os.path.join(os.path.dirname(__file__), "test_attention.py"),  # the attention pre-pass
+        # the attention pre-pass and the per-token FP8 quantisation kernel
+        os.path.join(os.path.dirname(__file__), "test_attention.py"),
+        os.path.join(os.path.dirname(__file__), "test_quant.py"),
         "-k",
         "interpreted",
     ]
