@@ -51,3 +51,53 @@ def test_tiny_defaults_are_a_cpu_dry_run(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--arch", "tiny", "--repeat", "1", "--json", str(out)]) == 0
     head = json.loads(out.read_text())["header"]
     assert "5 frames" in head and "CPU" in head, head
+
+
+def _rows():
+    from lightx2v.bench import BenchRow
+
+    def row(size, preset, sf, sv=None, gb=None, impl="lx2v", note=""):
+        return BenchRow(preset or "diffusers", impl=impl, preset=preset, size=size,
+                        s_per_forward=sf, s_per_video=sv, peak_gb=gb, note=note)  # fmt: skip
+
+    return [
+        row("480p", None, 3.31, 267.8, 36.7, impl="diffusers"),
+        row("480p", "fp8", 2.085, 169.8, 20.4),
+        row("480p", "distill", 2.085, 11.4, 20.4),
+        row("480p", "low-vram", 2.082, 169.6, 5.0),
+        row("480p", "rtx4090", 2.082, 169.6, 17.5, note="31 of 40 blocks resident (batch 1)"),
+        row("720p", None, 12.355, 995.2, 41.6, impl="diffusers"),
+        row("720p", "fp8", 8.365, 676.0, 24.7),
+        row("720p", "distill", None, note="skipped: time budget"),
+    ]
+
+
+def test_target_verdicts_on_the_cards_they_were_set_for():
+    from lightx2v.bench import annotate_targets
+
+    rows = _rows()
+    annotate_targets(rows, "NVIDIA H200")
+    by = {(r.size, r.preset): r.note for r in rows}
+    assert by[("480p", "fp8")] == (
+        "target ≤ 1.6 s/forward: 2.085 s, missed by 30%; "
+        "target ≥ 2× diffusers per forward: 1.59×, missed by 26%; "
+        "target ≤ 135 s/video: 169.8 s, missed by 26%"
+    )
+    assert by[("480p", "distill")] == "target ≤ 9 s/video: 11.4 s, missed by 27%"
+    assert by[("480p", "low-vram")] == (
+        "target ≤ 12 GB peak: 5.0 GB, met; target ≤ 1.1× the resident FP8 row: 1.00×, met"
+    )
+    assert by[("720p", "fp8")] == "target ≤ 540 s/video: 676.0 s, missed by 25%"
+    # rows without a target, or without a number, keep their notes
+    assert by[("480p", "rtx4090")] == "31 of 40 blocks resident (batch 1)"
+    assert by[("720p", "distill")] == "skipped: time budget"
+    assert by[("480p", None)] == ""
+
+
+def test_no_target_verdicts_on_other_cards():
+    from lightx2v.bench import annotate_targets
+
+    for card in ("NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "CPU"):
+        rows = _rows()
+        annotate_targets(rows, card)
+        assert [r.note for r in rows] == [r.note for r in _rows()], card
