@@ -152,7 +152,8 @@ def annotate_targets(rows: list[BenchRow], card: str) -> None:
             value = values[key]
             if value is None:
                 continue
-            want, got = (t.format(v) for t, v in zip(_TARGET_TEXT[key], (bound, value)))
+            want_fmt, got_fmt = _TARGET_TEXT[key]
+            want, got = want_fmt.format(bound), got_fmt.format(value)
             lower = key == "forward_speedup"  # a lower bound; the others are upper bounds
             miss = bound / value - 1 if lower else value / bound - 1
             verdict = "met" if miss <= 0 else f"missed by {miss:.0%}"
