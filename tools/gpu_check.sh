@@ -11,6 +11,9 @@
 #                                 (GEMM_TUNE=1: the GEMM config sweep first)
 #   tools/gpu_check.sh attention  attention GPU tests; the attention benchmark with the kernel
 #                                 sweep and case (c) (~5 min on an H200)
+#   tools/gpu_check.sh profile    build + Nsight Compute (ncu) on the csrc adaLN → FP8 kernel
+#                                 and the INT8 attention main kernel: where they wait
+#                                 (needs a Firecracker machine; ncu cannot read counters on gVisor)
 #   tools/gpu_check.sh wheel      a wheel for 9.0a, installed in a fresh venv and imported
 #   tools/gpu_check.sh e2e        `lx2v run` on the embedded default with every preset,
 #                                 and the VAE decode benchmark
@@ -82,6 +85,17 @@ attention)
     step test_attention 280 python3 -m pytest -q -m cuda tests/test_attention_cuda.py -rs
     step bench_attention 560 python3 tools/bench_attention.py --sweep --captured --json "$OUT/attention.json"
     ;;
+profile)
+    build
+    # --clock-control none: leave the clocks as they are (device METHOD.md); one launch each
+    # after a warm-up, the sections that show limits and stalls
+    sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
+              --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis)
+    step ncu_adaln 240 ncu --clock-control none --kernel-name regex:adaln_fp8 --launch-skip 1 \
+        --launch-count 1 "${sections[@]}" python3 tools/ncu_targets.py adaln
+    step ncu_attention 400 ncu --clock-control none --kernel-name regex:_attn_fwd_kernel \
+        --launch-skip 1 --launch-count 1 "${sections[@]}" python3 tools/ncu_targets.py attention
+    ;;
 wheel)
     rm -rf dist
     step build_wheel 400 bash tools/build_wheels.sh "$TORCH_CUDA_ARCH_LIST"
@@ -101,7 +115,7 @@ e2e)
     step bench_vae 300 python3 tools/bench_vae.py --max-vram 8 --out "$OUT/vae.json"
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac
