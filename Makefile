@@ -4,6 +4,10 @@ VENV ?= .venv
 # CPU torch by default (what CI and a laptop need); on a GPU machine use its own torch:
 #   make install TORCH_SPEC=   (empty: keep the installed torch)
 TORCH_SPEC ?= torch==2.13.0
+# installed with the CPU torch (not on a GPU machine, whose torch pins its own): the version
+# the GPU machines' torch ships, so that the CPU suite runs the Triton kernels under Triton's
+# interpreter (tests/test_ops.py, test_attention.py, test_quant.py) instead of skipping them
+TRITON_SPEC ?= triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"
 BIN := $(VENV)/bin
 
 .PHONY: help install demo test test-cuda lint format clean
@@ -14,7 +18,7 @@ help:  ## list targets
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)" '$(TRITON_SPEC)')
 	LX2V_SKIP_CUDA_BUILD=1 $(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 

@@ -76,8 +76,8 @@ FP8_TWO_LEVEL = True
 # 2026-11-28, INT8 P·V at the capped config: moving the running maximum only when a block's
 # maximum passes it by more than 8 (log2 units; one tile-wide decision), so most blocks add
 # their product with one conversion and one FMA instead of rescaling: 750 and 716 against
-# 756 and 707 in alternating runs, no gain (the tile-wide decision costs a cross-warp
-# reduction per block).
+# 756 and 707 in alternating runs, no gain (probably lost to the tile-wide decision's
+# cross-warp reduction per block).
 
 
 @triton.jit

@@ -135,7 +135,7 @@ def annotate_targets(rows: list[BenchRow], card: str) -> None:
         return
     for r in rows:
         targets = TARGETS.get((r.size, r.preset))
-        if not targets or r.s_per_forward is None:
+        if not targets or not r.s_per_forward:
             continue
         same = [o for o in rows if o.size == r.size and o.s_per_forward]
         base = next((o for o in same if o.impl == "diffusers"), None)
@@ -156,7 +156,9 @@ def annotate_targets(rows: list[BenchRow], card: str) -> None:
             want, got = want_fmt.format(bound), got_fmt.format(value)
             lower = key == "forward_speedup"  # a lower bound; the others are upper bounds
             miss = bound / value - 1 if lower else value / bound - 1
-            verdict = "met" if miss <= 0 else f"missed by {miss:.0%}"
+            verdict = (
+                "met" if miss <= 0 else "missed by <1%" if miss < 0.01 else f"missed by {miss:.0%}"
+            )
             verdicts.append(f"target {want}: {got}, {verdict}")
         if verdicts:
             note = "; ".join(verdicts)

@@ -234,7 +234,9 @@ def test_interpreted_quantize_qkv_int8(kernels_interpreted):
 
     # k smoothed by its per-channel mean, one scale per 128 rows
     kc = k.float() - k.float().mean(1, keepdim=True)
-    same_codes(z["k8"].view(B * H, 256, D), z["ks"], 128, _per_head(A._quant_int8_blocks(kc, 128)))
+    k8 = z["k8"].view(B * H, 256, D)
+    same_codes(k8, z["ks"], 128, _per_head(A._quant_int8_blocks(kc, 128)))
+    assert not k8[:, Lk:].any()
 
     # v: transposed [B·H, D, Lk_pad], (v − offset) / (amax / 127) rounded half away from 0
     vf = _per_head(v)

@@ -94,6 +94,14 @@ def test_target_verdicts_on_the_cards_they_were_set_for():
     assert by[("480p", None)] == ""
 
 
+def test_a_near_miss_is_not_rounded_to_zero():
+    from lightx2v.bench import BenchRow, annotate_targets
+
+    rows = [BenchRow("x", preset="distill", size="480p", s_per_forward=1.0, s_per_video=9.02)]
+    annotate_targets(rows, "NVIDIA H100 80GB HBM3")
+    assert rows[0].note == "target ≤ 9 s/video: 9.0 s, missed by <1%"
+
+
 def test_no_target_verdicts_on_other_cards():
     from lightx2v.bench import annotate_targets
 
