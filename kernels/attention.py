@@ -399,8 +399,9 @@ def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16"):
     out = dict(q8=q8, qs=qs, k8=k8, ks=ks, Lq_pad=Lq_pad, Lk_pad=Lk_pad)
     if v8:
         int8 = pv == "int8"
-        v_mean = v_offset(part[1].sum(1) / Lk, part[2].amax(1), part[3].amin(1))
-        v_amax = torch.maximum(part[2].amax(1) - v_mean, v_mean - part[3].amin(1))
+        v_max, v_min = part[2].amax(1), part[3].amin(1)
+        v_mean = v_offset(part[1].sum(1) / Lk, v_max, v_min)
+        v_amax = torch.maximum(v_max - v_mean, v_mean - v_min)
         v_scale = v_amax.clamp_min(1e-30) / (127.0 if int8 else 448.0)
         dtype = torch.int8 if int8 else torch.float8_e4m3fn
         vt8 = torch.empty(BH, D, Lk_pad, device=dev, dtype=dtype)

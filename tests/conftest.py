@@ -16,6 +16,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def interpreting():
+    """Skips unless this is the child pytest that tests/test_ops.py starts with
+    TRITON_INTERPRET=1 (Triton's interpreter must be on before triton is imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs in the child pytest with TRITON_INTERPRET=1")
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     """Tiny random checkpoints, same seed in both layouts: {(task, layout): path}."""

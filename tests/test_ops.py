@@ -586,10 +586,8 @@ def test_triton_kernels_under_interpreter():
 
 
 @pytest.fixture
-def interpreted():
+def interpreted(interpreting):
     """The kernel modules, their @triton.jit kernels interpreted on CPU tensors."""
-    if triton_missing or not INTERPRETING:
-        pytest.skip("runs in the child pytest with TRITON_INTERPRET=1")
     return {name: dispatch.kernel_module(name) for name in ("norm", "rope", "residual")}
 
 

@@ -532,12 +532,7 @@ def test_quantized_pair_input_cuda():
 # interpreter loses the carry when fp32 → fp8 rounds up to a power of two, so the codes are
 # checked on the GPU (test above); here the scales, which the kernel computes in fp32.
 @pytest.mark.parametrize("shape", [(1, 64), (7, 100), (5, 1000)])
-def test_interpreted_per_token_fp8_scales(shape):
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs in the child pytest with TRITON_INTERPRET=1")
+def test_interpreted_per_token_fp8_scales(interpreting, shape):
     from lightx2v.kernels import fp8_quant
 
     m, k = shape
