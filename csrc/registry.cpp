@@ -179,6 +179,8 @@ void adaln_fp8_cuda(at::Tensor& out, at::Tensor& out_scale, const at::Tensor& x,
   }
   check_out(out, x, at::kFloat8_e4m3fn, x.sizes(), "out");
   check_out(out_scale, x, at::kFloat, {B, L, 1}, "out_scale");
+  TORCH_CHECK(B * L <= INT32_MAX - 65536, "lx2v_C: adaln_fp8 takes at most 2^31 - 65536 rows "
+              "(B·L), got ", num(B * L));
 
   const c10::cuda::CUDAGuard guard(x.device());
   AdaLNFp8Args args{};

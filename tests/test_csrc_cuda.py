@@ -177,6 +177,26 @@ def test_adaln_fp8_constant_row_keeps_a_finite_scale():
     torch.testing.assert_close(s, norm.adaln_fp8_ref(x, zero, zero)[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("D", DIMS)  # 5120: the kernel specialised for that width
+def test_adaln_fp8_nan_in_a_channel_reaches_the_scale(D):
+    """A NaN in one channel's shift makes that batch row's h NaN in one channel only: amax,
+    and with it the scale and every code, must be NaN (torch.amax propagates NaN; a plain
+    fmax would drop it and quantize the row with a finite scale). The other batch row is
+    untouched."""
+    L = 33
+    x = strided_rows(2, L, D, torch.float32, seed=41, offset=5)
+    shift, scale = modulation(D, seed=42)
+    shift = shift.clone()
+    shift[1, D // 3] = float("nan")
+    q, s = nan_like((2, L, D), torch.float8_e4m3fn), nan_like((2, L, 1), torch.float32)
+    C.adaln_fp8(q, s, x, shift, scale, EPS)
+    q_ref, s_ref = norm.adaln_fp8_ref(x, shift, scale)
+    assert s_ref[1].isnan().all() and s[1].isnan().all()
+    assert q[1].float().isnan().all()
+    torch.testing.assert_close(s[0], s_ref[0], rtol=1e-5, atol=0)
+    assert (q[0].view(torch.uint8) != q_ref[0].view(torch.uint8)).float().mean() < 1e-3
+
+
 # ---------------------------------------------------------------------------------------
 # through the lx2v custom ops (the path the model takes)
 

@@ -88,13 +88,17 @@ attention)
 profile)
     build
     # --clock-control none: leave the clocks as they are (device METHOD.md); one launch each
-    # after a warm-up, the sections that show limits and stalls
-    sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
-              --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis)
-    step ncu_adaln 240 ncu --clock-control none --kernel-name regex:adaln_fp8 --launch-skip 1 \
-        --launch-count 1 "${sections[@]}" python3 tools/ncu_targets.py adaln
-    step ncu_attention 400 ncu --clock-control none --kernel-name regex:_attn_fwd_kernel \
-        --launch-skip 1 --launch-count 1 "${sections[@]}" python3 tools/ncu_targets.py attention
+    # after a warm-up, every section (--set full), the report kept in $OUT; then the details
+    # page and the per-SASS-instruction page (stall samples, executed instructions) as text
+    profile_one() {  # profile_one NAME KERNEL_REGEX TIMEOUT
+        step "ncu_$1" "$3" ncu --clock-control none --kernel-name "regex:$2" --launch-skip 1 \
+            --launch-count 1 --set full --import-source no -f -o "$OUT/ncu_$1" \
+            python3 tools/ncu_targets.py "$1"
+        step "ncu_$1_details" 120 ncu -i "$OUT/ncu_$1.ncu-rep" --page details
+        step "ncu_$1_sass" 120 ncu -i "$OUT/ncu_$1.ncu-rep" --page source --csv --print-source sass
+    }
+    profile_one adaln adaln_fp8 240
+    profile_one attention _attn_fwd_kernel 400
     ;;
 wheel)
     rm -rf dist
