@@ -21,7 +21,8 @@
 // The generic kernel issued 30 instructions per value and kept the issue slots 62% busy;
 // at D = 5120 the specialised kernel (no bounds checks, constant chunk offsets, no 64-bit
 // division per row, a one-instruction NaN-propagating max, four partial sums per thread)
-// issues 37% fewer and runs at 82% of copy instead of 77%.
+// runs at 82% of copy instead of 77% (as first profiled, before the partial sums and with
+// registers capped at 64, it issued 37% fewer instructions).
 //
 // Tried and measured slower on an H200 (docs/BENCHMARKS.md): one reduction for both
 // moments about a pivot (also wrong on rows whose first channel is an outlier), loads with
@@ -61,9 +62,13 @@ __device__ __forceinline__ void store_e4m3(uint8_t* p, const float* h, float mul
 // |h| folded into a running max that propagates NaN like torch.amax: one FMNMX.NAN
 // (max.NaN, sm_80+) where MaxOp takes a compare and a select.
 __device__ __forceinline__ float max_abs_nan(float acc, float h) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(acc), "f"(fabsf(h)));
   return r;
+#else
+  return MaxOp{}(acc, fabsf(h));
+#endif
 }
 
 // __launch_bounds__ of a kernel of kThreads threads (0: any up to kMaxThreads): at most 80
@@ -91,11 +96,13 @@ __global__ void __launch_bounds__(max_threads(kThreads), min_ctas(kThreads))
   __shared__ float scratch[2][32];
   BlockAllReduce block_reduce(scratch);
 
-  // (b, l) of the row, advanced with the grid stride (gridDim.x < tokens in practice, so the
-  // carry loop runs at most once or twice) instead of a 64-bit division per row. Row
-  // indices are 32-bit: the launcher checks that B·L fits.
+  // (b, l) of the row, advanced by the grid stride split once into whole batch rows and a
+  // remainder, instead of a 64-bit division per row. Row indices are 32-bit: the launcher
+  // checks that B·L fits.
   const int rows = static_cast<int>(args.batch * args.tokens);
   const int tokens = static_cast<int>(args.tokens);
+  const int step_b = static_cast<int>(gridDim.x) / tokens;
+  const int step_l = static_cast<int>(gridDim.x) - step_b * tokens;
   int b = static_cast<int>(blockIdx.x) / tokens;
   int l = static_cast<int>(blockIdx.x) - b * tokens;
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -170,8 +177,9 @@ __global__ void __launch_bounds__(max_threads(kThreads), min_ctas(kThreads))
     }
     if (threadIdx.x == 0) args.out_scale[row] = __fmul_rn(amax, 1.f / kFp8Max);
 
-    l += gridDim.x;
-    while (l >= tokens) {
+    b += step_b;
+    l += step_l;
+    if (l >= tokens) {
       l -= tokens;
       ++b;
     }

@@ -85,11 +85,15 @@ def main() -> int:
     )
     log = Path(f"/tmp/attention_clocks_{int(time.time())}.csv")
     query = "timestamp,clocks.sm,power.draw,temperature.gpu"
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", "-lms", "100"],
-            stdout=f, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    # this process's GPU only (by UUID, so CUDA_VISIBLE_DEVICES is respected)
+    gpu = [f"--id=GPU-{torch.cuda.get_device_properties(0).uuid}"]
+    cmd = ["nvidia-smi", *gpu, f"--query-gpu={query}", "--format=csv,noheader", "-lms", "100"]
+    try:
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        print("attention_clocks: needs nvidia-smi on the PATH", file=sys.stderr)
+        return 2
     windows = {}
     try:
         time.sleep(1.0)
