@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(max_threads(kThreads), min_ctas(kThreads))
                  l * args.x.stride_l + threadIdx.x * V;
 
     // The row in fp32, transformed in place: x → x − mean → h. (Keeping the loaded chunks
-    // packed and h apart costs more registers: 96 instead of 61 for fp32 input on sm_90a.)
+    // packed and h apart cost more registers: 96 instead of 61 for the generic kernel with
+    // fp32 input on sm_90a.)
     float v[C][V];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
