@@ -22,7 +22,11 @@ from lightx2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, RuntimeO
 from lightx2v.errors import LX2VError
 from lightx2v.io import load_image, resize_image, to_uint8_frames, write_png_frames, write_video
 from lightx2v.models.wan.formats import LX2V, OFFICIAL, Checkpoint, load_dit, open_checkpoint
-from lightx2v.ops.attention import attention_backend_override, set_attention_backend
+from lightx2v.ops.attention import (
+    attention_backend_override,
+    fit_attention_backend,
+    set_attention_backend,
+)
 from lightx2v.runtime.offload import (
     BlockOffloadRunner,
     apply_offload,
@@ -117,6 +121,8 @@ class WanPipeline:
         self.text_encoder, self.image_encoder, self.vae = self._load_components()
         self.dit = self._load_dit()
         set_attention_backend(self.runtime.attention)
+        arch = ckpt.arch
+        fit_attention_backend(arch.dim // arch.num_heads, self.dtype)
         self.teacache_summary: str | None = None
         compile_on = self.runtime.compile
         if compile_on is None:  # auto: on for CUDA, where it pays; CPU compile is slow to start

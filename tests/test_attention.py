@@ -129,6 +129,37 @@ def test_registry_on_cpu():
         A.set_attention_backend(prev)
 
 
+def test_backend_limitation():
+    assert A.backend_limitation("lx2v-int8-int8", 128, torch.bfloat16) is None
+    assert "head dim 128" in A.backend_limitation("lx2v-int8", 32, torch.bfloat16)
+    assert "bf16 or fp16" in A.backend_limitation("lx2v-int8-fp8", 128, torch.float32)
+    assert A.backend_limitation("sdpa", 32, torch.float32) is None
+
+
+def test_fit_replaces_auto_choice_and_rejects_named_backend(monkeypatch, caplog):
+    """A model whose heads our kernels do not take (the embedded default: head dim 32):
+    an "auto" choice falls back to sdpa with one log line; a named backend is an error."""
+    A.register_attention_backend("lx2v-test", A.attention_sdpa)
+    monkeypatch.setitem(A._auto_report, "choice", "lx2v-test")  # what "auto" decided
+    prev = A.attention_backend()
+    try:
+        A.set_attention_backend("auto")
+        assert A.attention_backend() == "lx2v-test"
+        assert A.fit_attention_backend(128, torch.bfloat16) == "lx2v-test"
+        with caplog.at_level("WARNING", logger=A.__name__):
+            assert A.fit_attention_backend(32, torch.bfloat16) == "sdpa"
+        assert A.attention_backend() == "sdpa"
+        assert "head dim 128" in caplog.text and "using sdpa" in caplog.text
+
+        A.set_attention_backend("lx2v-test")
+        with pytest.raises(LX2VError, match="'lx2v-test' takes head dim 128.*auto or sdpa"):
+            A.fit_attention_backend(32, torch.bfloat16)
+        assert A.attention_backend() == "lx2v-test"
+    finally:
+        A.set_attention_backend(prev)
+        A._BACKENDS.pop("lx2v-test", None)
+
+
 def test_custom_op_fake_kernel():
     q = torch.empty(2, 77, 3, 128, device="meta", dtype=torch.bfloat16)
     k = v = torch.empty(2, 257, 3, 128, device="meta", dtype=torch.bfloat16)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lightx2v.cli import main
 from lightx2v.config import GenerationRequest, RuntimeOptions
+from lightx2v.errors import LX2VError
 from lightx2v.io import read_video
 from lightx2v.models.wan.formats import load_dit, open_checkpoint
 from lightx2v.pipeline import WanPipeline
@@ -295,4 +296,27 @@ def test_attention_exact_steps_guard(pipes, image_file, monkeypatch):
             assert A.attention_backend() == "spy"  # restored after the guarded steps
     finally:
         p.runtime.attention, p.runtime.attention_exact_steps = "sdpa", 0
+        A.set_attention_backend("sdpa")
+
+
+def test_auto_attention_falls_back_for_heads_our_kernels_do_not_take(tiny_ckpts, monkeypatch):
+    """The tiny models' heads are 32 wide; our kernels take 128. A pipeline whose "auto"
+    chose one of them runs sdpa instead; naming one explicitly is an error at load."""
+    from lightx2v.ops import attention as A
+
+    arch = open_checkpoint(tiny_ckpts["t2v", "official"]).arch
+    assert arch.dim // arch.num_heads != 128
+    monkeypatch.setitem(A._BACKENDS, "lx2v-test", A.attention_sdpa)
+    monkeypatch.setitem(A._auto_report, "choice", "lx2v-test")  # what "auto" decided
+    try:
+        p = WanPipeline.from_pretrained(
+            tiny_ckpts["t2v", "official"], RuntimeOptions(attention="auto", compile=False)
+        )
+        assert A.attention_backend() == "sdpa" and p.dit is not None
+        with pytest.raises(LX2VError, match="'lx2v-test' takes head dim 128"):
+            WanPipeline.from_pretrained(
+                tiny_ckpts["t2v", "official"],
+                RuntimeOptions(attention="lx2v-test", compile=False),
+            )
+    finally:
         A.set_attention_backend("sdpa")

@@ -251,6 +251,7 @@ ATTENTION_CHOICES = (
     "fa4",
 )
 _active: list[str] = ["sdpa"]
+_auto_chosen: list[bool] = [False]  # the active backend is "auto"'s choice, not the user's
 _unavailable: dict[str, str] = {}
 _auto_report: dict[str, object] = {}
 
@@ -287,6 +288,7 @@ def unavailable_attention_backends() -> dict[str, str]:
 def set_attention_backend(name: str) -> None:
     """Make `name` the active backend; "auto" runs the one-time self-check. An explicitly
     requested backend that is missing is an error."""
+    _auto_chosen[0] = name == "auto"
     if name == "auto":
         name = auto_attention_backend()
     elif not _try_load(name):
@@ -296,6 +298,32 @@ def set_attention_backend(name: str) -> None:
             f"(available: {', '.join(available_attention_backends())})"
         )
     _active[0] = name
+
+
+def backend_limitation(name: str, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why backend `name` cannot run attention with this head dim and dtype, or None. Our
+    kernels (the lx2v backends) are written for Wan's head dim, 128, in bf16 or fp16."""
+    if name.startswith("lx2v-"):
+        if head_dim != 128:
+            return f"takes head dim 128, and this model's heads are {head_dim} wide"
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"takes bf16 or fp16 activations, not {str(dtype).replace('torch.', '')}"
+    return None
+
+
+def fit_attention_backend(head_dim: int, dtype: torch.dtype) -> str:
+    """Check the active backend against a model's attention before it runs: a backend that
+    "auto" chose and that cannot run it is replaced by sdpa, with one log line; one the user
+    named is an error. Returns the backend that will run."""
+    name = _active[0]
+    why = backend_limitation(name, head_dim, dtype)
+    if why is None:
+        return name
+    if _auto_chosen[0]:
+        log.warning("attention auto: %s %s; using sdpa for this model", name, why)
+        _active[0] = "sdpa"
+        return "sdpa"
+    raise LX2VError(f"attention backend {name!r} {why}; use --attention auto or sdpa")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
