@@ -160,6 +160,31 @@ def test_fit_replaces_auto_choice_and_rejects_named_backend(monkeypatch, caplog)
         A._BACKENDS.pop("lx2v-test", None)
 
 
+def test_sage_wrapper_leaves_the_callers_k_alone(monkeypatch):
+    """sageattention 1.0.6 subtracts k's mean in place when it smooths k; the wrapper must
+    hand it a smoothed copy (the model caches the cross-attention k across steps)."""
+    import sys
+    import types
+
+    seen = {}
+
+    def fake_sageattn(q, k, v, tensor_layout, is_causal, smooth_k=True):
+        if smooth_k:
+            k -= k.mean(dim=1, keepdim=True)  # what sageattention does
+        seen.update(layout=tensor_layout, k_mean=k.mean(dim=1).abs().max().item())
+        return A.attention_ref(q, k, v)
+
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=fake_sageattn))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fn = A._load_sage()
+    q, k, v = rnd(1, 33, 2, 128, seed=1), rnd(1, 40, 2, 128, seed=2, offset=3), rnd(1, 40, 2, 128)
+    k0 = k.clone()
+    out = fn(q, k, v)
+    assert torch.equal(k, k0)
+    assert seen["layout"] == "NHD" and seen["k_mean"] < 1e-5  # sage got a smoothed k
+    torch.testing.assert_close(out, A.attention_ref(q, k0, v), rtol=1e-4, atol=1e-5)
+
+
 def test_custom_op_fake_kernel():
     q = torch.empty(2, 77, 3, 128, device="meta", dtype=torch.bfloat16)
     k = v = torch.empty(2, 257, 3, 128, device="meta", dtype=torch.bfloat16)

@@ -180,7 +180,10 @@ def _load_sage() -> AttentionFn:
     from sageattention import sageattn
 
     def attention_sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+        # sageattention 1.0.6 smooths k in place (`k -= mean`), which would rewrite the
+        # caller's tensor (the cross-attention k is cached across steps): smooth a copy here
+        k = k - k.mean(dim=1, keepdim=True)
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, smooth_k=False)
 
     return attention_sage
 
