@@ -185,6 +185,16 @@ def test_sage_wrapper_leaves_the_callers_k_alone(monkeypatch):
     torch.testing.assert_close(out, A.attention_ref(q, k0, v), rtol=1e-4, atol=1e-5)
 
 
+def test_self_check_rejects_a_backend_that_writes_into_its_inputs():
+    def smooths_k_in_place(q, k, v):
+        k -= k.mean(dim=1, keepdim=True)  # softmax ignores it: the output stays exact
+        return A.attention_ref(q, k, v)
+
+    assert A.self_check(A.attention_sdpa, "cpu")[0]
+    ok, msg = A.self_check(smooths_k_in_place, "cpu")
+    assert not ok and "writes into its inputs" in msg
+
+
 def test_custom_op_fake_kernel():
     q = torch.empty(2, 77, 3, 128, device="meta", dtype=torch.bfloat16)
     k = v = torch.empty(2, 257, 3, 128, device="meta", dtype=torch.bfloat16)

@@ -344,7 +344,8 @@ GATE_COSINE = 0.999
 
 def self_check(fn: AttentionFn, device: str | torch.device = "cuda") -> tuple[bool, str]:
     """Accuracy of `fn` against fp32 `attention_ref` on small bf16 problems: random normal
-    q,k,v (odd lengths, cross-attention, batch 2) and k with a large per-channel offset."""
+    q,k,v (odd lengths, cross-attention, batch 2) and k with a large per-channel offset.
+    A backend that writes into q, k or v fails it."""
     g = torch.Generator(device="cpu").manual_seed(1234)
     worst = (0.0, 1.0)
     for B, Lq, Lk, H, off in (
@@ -356,10 +357,13 @@ def self_check(fn: AttentionFn, device: str | torch.device = "cuda") -> tuple[bo
         k = torch.randn(B, Lk, H, 128, generator=g) + off * torch.randn(128, generator=g)
         v = torch.randn(B, Lk, H, 128, generator=g)
         q, k, v = (x.to(device, torch.bfloat16) for x in (q, k, v))
+        inputs = [x.clone() for x in (q, k, v)]
         try:
             out = fn(q, k, v)
         except Exception as e:
             return False, f"failed: {type(e).__name__}: {e}"
+        if not all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v), strict=True)):
+            return False, "writes into its inputs"  # the model reuses cached k and v
         ref = attention_ref(q.float(), k.float(), v.float())
         if out.shape != ref.shape or not torch.isfinite(out).all():
             return False, "wrong shape or non-finite output"
