@@ -390,7 +390,7 @@ def run_bench(
     reported with its reason instead of a number."""
     from lightx2v.models.wan.dit import WanDiT
     from lightx2v.models.wan.formats import diffusers_to_official
-    from lightx2v.ops.attention import set_attention_backend
+    from lightx2v.ops.attention import fit_attention_backend, set_attention_backend
     from lightx2v.runtime.runner import compile_blocks
 
     t_start = time.perf_counter()
@@ -466,12 +466,16 @@ def run_bench(
                         )
                 try:
                     set_attention_backend(row.attention)
+                    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
+                    fit_attention_backend(arch.dim // arch.num_heads, act)  # tiny: 32-wide heads
                 except LX2VError as e:
                     if real_stages:  # a real run reports it; a tiny dry run goes on with sdpa
                         row.note = f"skipped: {e}"
                         continue
                     set_attention_backend("sdpa")
-                    note = f"dry run: {row.attention} unavailable, sdpa used"
+                    note = (
+                        f"dry run: {row.attention} unavailable or cannot run this model, sdpa used"
+                    )
                     row.note = f"{row.note}; {note}" if row.note else note
                 key = _config_key(row)
                 if row.compile and dev.type == "cuda" and key not in measured:

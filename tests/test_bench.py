@@ -109,3 +109,26 @@ def test_no_target_verdicts_on_other_cards():
         rows = _rows()
         annotate_targets(rows, card)
         assert [r.note for r in rows] == [r.note for r in _rows()], card
+
+
+def test_dry_run_uses_sdpa_where_the_8bit_kernel_cannot_run(monkeypatch):
+    """On a Hopper GPU the 8-bit backend loads, but the tiny model's heads are 32 wide and
+    our kernels take 128: the dry run must say so and go on with sdpa, not crash."""
+    from lightx2v.bench import ATTN8, BenchRow, run_bench
+    from lightx2v.models.wan.tiny import tiny_arch
+    from lightx2v.ops import attention as A
+
+    def kernel_like(q, k, v):  # loads like ours, and refuses other head dims like ours
+        if q.shape[-1] != 128:
+            raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
+        return A.attention_sdpa(q, k, v)
+
+    monkeypatch.setitem(A._BACKENDS, ATTN8, kernel_like)
+    row = BenchRow("8-bit", attention=ATTN8, compile=False)
+    try:
+        (out,) = [r for r in run_bench(["480p"], rows=[row], arch_name=tiny_arch("i2v"),
+                  frames=5, repeat=1, device="cpu", real_stages=False, log=lambda m: None)
+                  if r.impl == "lx2v"]  # fmt: skip
+    finally:
+        A.set_attention_backend("sdpa")
+    assert out.s_per_forward and "sdpa used" in out.note, out.note
