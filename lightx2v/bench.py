@@ -429,7 +429,8 @@ def run_bench(
             ours.load_state_dict(
                 {diffusers_to_official(k): v for k, v in state.items()}, assign=True
             )
-            ours.cast(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+            act_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            ours.cast(act_dtype).eval()
             del state
             quantized, offloaded = False, ("none", None)
             for row in [r for r in size_rows if r.impl == "lx2v"]:
@@ -466,8 +467,8 @@ def run_bench(
                         )
                 try:
                     set_attention_backend(row.attention)
-                    act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-                    fit_attention_backend(arch.dim // arch.num_heads, act)  # tiny: 32-wide heads
+                    # the backend must take the model's heads (the tiny model's are 32 wide)
+                    fit_attention_backend(arch.dim // arch.num_heads, act_dtype)
                 except LX2VError as e:
                     if real_stages:  # a real run reports it; a tiny dry run goes on with sdpa
                         row.note = f"skipped: {e}"

@@ -29,15 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 import lightx2v.kernels.attention as K  # noqa: E402
 
+from lightx2v.ops.attention import attention_sdpa  # noqa: E402
+
 
 def backends():
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def torch_sdpa(q, k, v):  # [B, L, H, D] → SDPA's [B, H, L, D] and back
-        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
     return {
-        "sdpa": torch_sdpa,
+        "sdpa": attention_sdpa,
         "lx2v-int8-int8": lambda q, k, v: K.attention_int8(q, k, v, "int8"),
         "lx2v-int8-fp8": lambda q, k, v: K.attention_int8(q, k, v, "fp8"),
     }
