@@ -228,3 +228,24 @@ def test_residual_wrapper_rejects_mismatched_shapes():
         gemm.fp8_linear_residual_(torch.zeros(2, 10, 48), a, sa, w, sw, b)
     with pytest.raises(ValueError, match="gate"):
         gemm.fp8_linear_residual_(torch.zeros(2, 12, 48), a, sa, w, sw, b, torch.zeros(3, 48))
+
+
+def test_stale_extension_is_reported_not_raised(monkeypatch):
+    """As tests/test_ops.py's test of the same name, for the FP8 GEMM module's status."""
+    import importlib
+
+    real_find_spec, real_import = importlib.util.find_spec, importlib.import_module
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "lightx2v._C_sm90" else real_find_spec(name, *a),
+    )
+
+    def import_module(name, *a):
+        if name == "lightx2v.ops._cuda":
+            raise RuntimeError("operator lx2v_C::fp8_gemm_residual does not exist")
+        return real_import(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    ok, why = gemm._sm90_module_status()
+    assert not ok and "older than this checkout" in why

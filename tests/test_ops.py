@@ -681,3 +681,23 @@ def test_interpreted_gated_residual(interpreted, L, D):
     residual.gated_residual_ref_(torch_out, y, gate)
     interpreted["residual"].gated_residual_(x, y, gate, block=32)
     assert_within_principle(x, ref64, torch_out)
+
+
+def test_stale_extension_is_reported_not_raised(monkeypatch):
+    """A lightx2v._C built from an older checkout lacks an op whose fake kernel
+    lightx2v.ops._cuda registers, and torch raises RuntimeError at that import: the status
+    says to rebuild instead of the error escaping."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "lightx2v._C" else real_find_spec(name, *a),
+    )
+
+    def stale():
+        raise RuntimeError("operator lx2v_C::fp8_gemm_residual does not exist")
+
+    monkeypatch.setattr(dispatch, "csrc", stale)
+    ok, why = dispatch._cuda_status()
+    assert not ok and "older than this checkout" in why and "rebuild" in why

@@ -90,6 +90,11 @@ def _cuda_status() -> tuple[bool, str]:
         ext = csrc()
     except (ImportError, OSError) as e:  # e.g. built against another torch: undefined symbols
         return False, f"lightx2v._C does not load ({e})"
+    except RuntimeError as e:  # a fake kernel for an op this build lacks: an older lightx2v._C
+        return False, (
+            f"lightx2v._C is older than this checkout ({e}): rebuild it "
+            "(python setup.py build_ext --inplace, or reinstall)"
+        )
     schema = torch.ops.lx2v_C.adaln_fp8.default._schema
     if "affine" not in {a.name for a in schema.arguments}:
         return False, (

@@ -97,6 +97,8 @@ def _sm90_module_status() -> tuple[bool, str]:
         importlib.import_module("lightx2v._C_sm90")  # their CUDA kernels
     except (ImportError, OSError) as e:
         return False, f"lightx2v._C_sm90 does not load ({e})"
+    except RuntimeError as e:  # a fake kernel for an op the built lightx2v._C lacks
+        return False, f"lightx2v._C is older than this checkout ({e}): rebuild it"
     return True, "lightx2v._C_sm90 (CUTLASS, sm_90a)"
 
 
