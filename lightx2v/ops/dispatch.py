@@ -62,6 +62,15 @@ def csrc() -> ModuleType:
     return importlib.import_module("lightx2v.ops._cuda")
 
 
+def stale_extension(e: RuntimeError) -> str:
+    """Why `csrc()` raised RuntimeError: lightx2v.ops._cuda registers a fake kernel for an op
+    that the built lightx2v._C lacks, i.e. it was built from an older checkout."""
+    return (
+        f"lightx2v._C is older than this checkout ({e}): rebuild it "
+        "(python setup.py build_ext --inplace, or reinstall)"
+    )
+
+
 def _triton_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
@@ -90,11 +99,8 @@ def _cuda_status() -> tuple[bool, str]:
         ext = csrc()
     except (ImportError, OSError) as e:  # e.g. built against another torch: undefined symbols
         return False, f"lightx2v._C does not load ({e})"
-    except RuntimeError as e:  # a fake kernel for an op this build lacks: an older lightx2v._C
-        return False, (
-            f"lightx2v._C is older than this checkout ({e}): rebuild it "
-            "(python setup.py build_ext --inplace, or reinstall)"
-        )
+    except RuntimeError as e:
+        return False, stale_extension(e)
     schema = torch.ops.lx2v_C.adaln_fp8.default._schema
     if "affine" not in {a.name for a in schema.arguments}:
         return False, (

@@ -93,12 +93,12 @@ def _sm90_module_status() -> tuple[bool, str]:
             "CUTLASS headers: `pip install nvidia-cutlass` before building)"
         )
     try:
-        importlib.import_module("lightx2v.ops._cuda")  # lightx2v._C: the op schemas
+        dispatch.csrc()  # lightx2v._C: the op schemas
         importlib.import_module("lightx2v._C_sm90")  # their CUDA kernels
     except (ImportError, OSError) as e:
         return False, f"lightx2v._C_sm90 does not load ({e})"
-    except RuntimeError as e:  # a fake kernel for an op the built lightx2v._C lacks
-        return False, f"lightx2v._C is older than this checkout ({e}): rebuild it"
+    except RuntimeError as e:
+        return False, dispatch.stale_extension(e)
     return True, "lightx2v._C_sm90 (CUTLASS, sm_90a)"
 
 
