@@ -31,6 +31,15 @@
 // 2t+9 (+16) of each 32 (t = lane mod 4); as an A operand it must hold positions
 // 4t..4t+3 (+16). Position 4t+e holds key 2t+e for e < 2 and key 2t+6+e otherwise.
 
+// Status (2026-11-28, H200, tools/proto_attn_sm90.py; docs/BENCHMARKS.md on main, "A
+// warp-specialised CUDA kernel (prototype)"): correct (≤ 4.4e-4 from the Triton kernel);
+// the best variant (3 stages, turn passed on completion: 32) runs the main kernel at
+// 730-743 TFLOP/s against the Triton kernel's 756-766. Without the softmax it runs at 1326,
+// without the int32 → fp32 accumulation at 1021. A timeline (variant 932) shows ~1 300 of
+// ~2 900 cycles per key block in the softmax, where ptxas issues the 64 MUFU.EX2 back to
+// back. Variant 4032 chains the exponentials in groups of 4 (longest MUFU run 3 in the SASS
+// instead of 61); it has not run on a GPU yet.
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -190,7 +199,11 @@ __device__ __forceinline__ void wgmma_rs(int (&d)[64], uint32_t a0, uint32_t a1,
 // r + 8 of this thread's quad) and leaves holding p as fp32 bits; m, l are the running
 // maximum and this thread's share of the row sums; alpha and rs the factors that put this
 // block's product on the running scale (acc = acc·alpha + O_block·rs).
-template <bool kMasked>
+// kChain > 0 (prototype variants x000): the exponentials go in groups of kChain values, and
+// the first input of each group waits for the last exponential of the group before it (an
+// FMA with 0·p, exact for finite p), so that ptxas cannot issue all 64 MUFU.EX2 back to back
+// (it does otherwise, and the warp then issues nothing else for ~512 cycles).
+template <bool kMasked, int kChain = 0>
 __device__ __forceinline__ void softmax_block(int (&S)[64], float sc, int col0, int Lk,
                                               float (&m)[2], float (&l)[2], float (&alpha)[2],
                                               float (&rs)[2]) {
@@ -217,10 +230,14 @@ __device__ __forceinline__ void softmax_block(int (&S)[64], float sc, int col0, 
   // and one FMA with the exact −1.5·2²³·s, so p is exactly 1 at the row maximum.
   const float nc = -kMagicF * sc;
   float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+  float last = 0.f;
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     const int r = (i >> 1) & 1;
-    float pv = ex2(fmaf(__int_as_float(S[i] + (kMagicI - mx[r])), sc, nc));
+    float x = fmaf(__int_as_float(S[i] + (kMagicI - mx[r])), sc, nc);
+    if (kChain > 0 && i % kChain == 0 && i > 0) x = fmaf(last, 0.f, x);
+    float pv = ex2(x);
+    if (kChain > 0 && i % kChain == kChain - 1) last = pv;
     if (kMasked && col0 + 8 * (i >> 2) + (i & 1) >= Lk) pv = 0.f;
     S[i] = __float_as_int(pv);
     sum[r][(i >> 2) & 1] += pv;
@@ -304,7 +321,7 @@ __device__ __forceinline__ __half to_out<__half>(float x) {
   return __float2half_rn(x);
 }
 
-template <typename OutT, int kStages, int kPingPong, int kAblate>
+template <typename OutT, int kStages, int kPingPong, int kAblate, int kChain>
 __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int cw, int t,
                                          uint32_t sQ, uint32_t sK, uint32_t sV, int mblk, int bh,
                                          int nblk) {
@@ -342,7 +359,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
     const int s = j % kStages, s1 = (j + 1) % kStages;
     if (tr) trc[8 * j + 0] = stamp(S[0], S[63]);
     if (kAblate != 1) {
-      softmax_block<false>(S, round22(qsc * ksp[j]), 0, 0, m, l, alpha, rs);
+      softmax_block<false, kChain>(S, round22(qsc * ksp[j]), 0, 0, m, l, alpha, rs);
       pack_p(S, P);
     }
     if (tr) trc[8 * j + 1] = stamp(P[0], P[15]);
@@ -375,9 +392,9 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
     const int j = nblk - 1, s = j % kStages;
     const float sc = round22(qsc * ksp[j]);
     if (partial) {
-      softmax_block<true>(S, sc, kBlockN * j + 2 * q4, p.Lk, m, l, alpha, rs);
+      softmax_block<true, kChain>(S, sc, kBlockN * j + 2 * q4, p.Lk, m, l, alpha, rs);
     } else {
-      softmax_block<false>(S, sc, 0, 0, m, l, alpha, rs);
+      softmax_block<false, kChain>(S, sc, 0, 0, m, l, alpha, rs);
     }
     pack_p(S, P);
     mbar_wait(bars.full_v(s), (j / kStages) & 1);
@@ -424,7 +441,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
   }
 }
 
-template <typename OutT, int kStages, int kPingPong, int kAblate>
+template <typename OutT, int kStages, int kPingPong, int kAblate, int kChain>
 __global__ void __launch_bounds__(kThreads, 1) attn_int8_kernel(const __grid_constant__ Params p) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t bar_mem[1 + 4 * kStages];
@@ -466,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_int8_kernel(const __grid_con
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
-    consumer<OutT, kStages, kPingPong, kAblate>(p, bars, wg - 1, tid % 128, sQ, sK, sV, mblk, bh, nblk);
+    consumer<OutT, kStages, kPingPong, kAblate, kChain>(p, bars, wg - 1, tid % 128, sQ, sK, sV, mblk, bh, nblk);
   }
 }
 
@@ -474,9 +491,9 @@ constexpr size_t smem_bytes(int stages) {
   return static_cast<size_t>(kBlockM) * kD + static_cast<size_t>(stages) * 2 * kTile + 1024;
 }
 
-template <typename OutT, int kStages, int kPingPong, int kAblate = 0>
+template <typename OutT, int kStages, int kPingPong, int kAblate = 0, int kChain = 0>
 cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
-  auto kernel = attn_int8_kernel<OutT, kStages, kPingPong, kAblate>;
+  auto kernel = attn_int8_kernel<OutT, kStages, kPingPong, kAblate, kChain>;
   const size_t smem = smem_bytes(kStages);
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -489,23 +506,29 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 }  // namespace attn_sm90
 
 // out [B, Lq, H, 128] (bf16 if !fp16, else fp16) from the pre-pass's operands. variant:
-// 10·stages + ping-pong (0: none; 1: the turn passes when a warpgroup has issued its
-// products; 2: when they have completed); LX2V_ATTN_VARIANTS limits the compiled ones (prototypes).
+// 1000·exponential group (kChain, 0 = none) + 100·ablation (prototypes: 1 no softmax, 2 no
+// accumulation, 9 timeline) + 10·stages + ping-pong (0: none; 1: the turn passes when a
+// warpgroup has issued its products; 2: when they have completed). The library builds 32;
+// prototypes (LX2V_ATTN_STANDALONE) build the list below or LX2V_ATTN_VARIANTS.
+#ifdef LX2V_ATTN_STANDALONE
 #ifndef LX2V_ATTN_VARIANTS
-#define LX2V_ATTN_VARIANTS X(30) X(32) X(22) X(132) X(232) X(932) X(930)
+#define LX2V_ATTN_VARIANTS X(30) X(32) X(132) X(232) X(932) X(4032) X(8032) X(4932)
+#endif
+#else
+#define LX2V_ATTN_VARIANTS X(32)
 #endif
 cudaError_t attn_int8_sm90(const attn_sm90::Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream) {
   using namespace attn_sm90;
+#define LX2V_ARGS(V) V / 10 % 10, V % 10, V / 100 % 10, V / 1000
 #ifdef LX2V_ATTN_STANDALONE  // prototypes: bf16 only, for a shorter build
 #define X(V) \
   case V:    \
-    return fp16 ? cudaErrorInvalidValue : launch_t<__nv_bfloat16, V / 10 % 10, V % 10, V / 100>(p, BH, stream);
+    return fp16 ? cudaErrorInvalidValue : launch_t<__nv_bfloat16, LX2V_ARGS(V)>(p, BH, stream);
 #else
-#define X(V)                                                                             \
-  case V:                                                                                \
-    return fp16 ? launch_t<__half, V / 10, V % 10>(p, BH, stream)                   \
-                : launch_t<__nv_bfloat16, V / 10, V % 10>(p, BH, stream);
+#define X(V) \
+  case V:    \
+    return fp16 ? launch_t<__half, LX2V_ARGS(V)>(p, BH, stream) : launch_t<__nv_bfloat16, LX2V_ARGS(V)>(p, BH, stream);
 #endif
   switch (variant) {
     LX2V_ATTN_VARIANTS
@@ -513,6 +536,7 @@ cudaError_t attn_int8_sm90(const attn_sm90::Params& p, int BH, bool fp16, int va
       return cudaErrorInvalidValue;
   }
 #undef X
+#undef LX2V_ARGS
 }
 
 }  // namespace lx2v

@@ -1,6 +1,6 @@
 """Prototype check of csrc/attn_int8_sm90.cu against the Triton INT8 P·V kernel (GPU only).
 
-    python3 tools/proto_attn_sm90.py [--variants 30,31] [--seconds 4]
+    python3 tools/proto_attn_sm90.py [--variants 32,4032] [--seconds 4] [--trace 932|4932]
 
 Builds the .cu alone with torch.utils.cpp_extension.load, relays the Triton pre-pass's
 operands out into the kernel's layout with torch ops (not timed), checks outputs against
@@ -211,7 +211,7 @@ def trace_run(ext, variant, g):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="30,31,41,21", help="10·stages + ping-pong")
+    ap.add_argument("--variants", default="32,4032", help="see attn_int8_sm90 in csrc/attn_int8_sm90.cu")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--profile", type=int, default=0, help="one launch of this variant (ncu)")
