@@ -211,7 +211,9 @@ def trace_run(ext, variant, g):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="32,4032", help="see attn_int8_sm90 in csrc/attn_int8_sm90.cu")
+    ap.add_argument(
+        "--variants", default="32,4032", help="see attn_int8_sm90 in csrc/attn_int8_sm90.cu"
+    )
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--profile", type=int, default=0, help="one launch of this variant (ncu)")
