@@ -46,6 +46,8 @@
 
 #include <cstdint>
 
+#include "attn_int8_sm90.h"
+
 namespace lx2v {
 namespace attn_sm90 {
 
@@ -58,18 +60,7 @@ constexpr int kTile = kBlockN * kD; // bytes of one K or Vᵀ tile (int8)
 constexpr int kMagicI = 0x4B400000; // bit pattern of 1.5·2²³
 constexpr float kMagicF = 12582912.0f;
 
-struct Params {
-  const int8_t* q8;     // [BH, Lq_pad, 128], swizzled
-  const int8_t* k8;     // [BH, Lk_pad, 128], swizzled
-  const int8_t* vt8;    // [BH, Lk_pad/128, 128, 128], permuted + swizzled
-  const float* qs;      // [BH, Lq_pad/64]
-  const float* ks;      // [BH, Lk_pad/128]
-  const float* vmean;   // [BH, 128]
-  const float* vscale;  // [BH, 128]
-  void* out;            // [B, Lq, H, 128] bf16/fp16
-  int Lq, Lk, Lq_pad, Lk_pad, H;
-  int64_t* trace;       // prototypes only: phase timestamps of one CTA (variant 9xx)
-};
+using Params = AttnInt8Params;
 
 // clock64 after the given registers are computed (prototype timeline, variant 9xx)
 __device__ __forceinline__ long long stamp(uint32_t a, uint32_t b) {
@@ -517,7 +508,7 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 #else
 #define LX2V_ATTN_VARIANTS X(32)
 #endif
-cudaError_t attn_int8_sm90(const attn_sm90::Params& p, int BH, bool fp16, int variant,
+cudaError_t attn_int8_sm90(const AttnInt8Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream) {
   using namespace attn_sm90;
 #define LX2V_ARGS(V) V / 10 % 10, V % 10, V / 100 % 10, V / 1000
@@ -550,7 +541,7 @@ cudaError_t attn_int8_sm90(const attn_sm90::Params& p, int BH, bool fp16, int va
 void run(at::Tensor out, at::Tensor q8, at::Tensor qs, at::Tensor k8, at::Tensor ks, at::Tensor vt8,
          at::Tensor vmean, at::Tensor vscale, int64_t Lq, int64_t Lk, int64_t H, int64_t variant,
          c10::optional<at::Tensor> trace) {
-  lx2v::attn_sm90::Params p{};
+  lx2v::AttnInt8Params p{};
   p.q8 = q8.data_ptr<int8_t>();
   p.k8 = k8.data_ptr<int8_t>();
   p.vt8 = vt8.data_ptr<int8_t>();

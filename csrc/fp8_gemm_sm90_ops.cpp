@@ -1,5 +1,6 @@
-// CUDA implementations of lx2v_C::fp8_gemm, fp8_gemm_gelu and fp8_gemm_residual (schemas in
-// registry.cpp) and the Python module lightx2v._C_sm90 that registers them on import. This
+// CUDA implementations of lx2v_C::fp8_gemm, fp8_gemm_gelu, fp8_gemm_residual and
+// attn_int8_sm90 (schemas in registry.cpp) and the Python module lightx2v._C_sm90 that
+// registers them on import. This
 // library is built for sm_90a only (its kernels are Hopper TMA/WGMMA code), so every op
 // first checks that the tensors are on a compute capability 9.0 device.
 
@@ -9,6 +10,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -17,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "attn_int8_sm90.h"
 #include "check.h"
 #include "fp8_gemm.h"
 
@@ -242,10 +245,77 @@ void fp8_gemm_residual_cuda(at::Tensor& res, const at::Tensor& a, const at::Tens
   }
 }
 
+// One int8 or fp32 operand of attn_int8_sm90: on out's device, contiguous, 16-byte aligned,
+// of the given shape.
+void check_attn_operand(const at::Tensor& t, const at::Tensor& out, at::ScalarType type,
+                        std::initializer_list<int64_t> shape, const char* what) {
+  check_device(t, out, what);
+  const std::vector<int64_t> want(shape);
+  TORCH_CHECK(t.scalar_type() == type && t.sizes().vec() == want && t.is_contiguous() &&
+                  aligned16(t.data_ptr()),
+              "lx2v_C: attn_int8_sm90: ", what, " must be a contiguous, 16-byte aligned ",
+              name(type), " ", dims(want), ", got ", name(t.scalar_type()), " ",
+              dims(t.sizes()));
+}
+
+// out [B, Lq, H, 128] bf16/fp16 = softmax(q·kᵀ/√128)·v from the pre-pass's operands:
+// q8 [B·H, Lq_pad, 128], k8 [B·H, Lk_pad, 128] and vt8 [B·H, 128, Lk_pad] int8 (the "sm90"
+// layout), qs [B·H, Lq_pad/64], ks [B·H, Lk_pad/128], vmean and vscale [B·H, 128] fp32.
+void attn_int8_sm90_cuda(at::Tensor& out, const at::Tensor& q8, const at::Tensor& qs,
+                         const at::Tensor& k8, const at::Tensor& ks, const at::Tensor& vt8,
+                         const at::Tensor& vmean, const at::Tensor& vscale, int64_t Lk) {
+  TORCH_CHECK(out.is_cuda(), "lx2v_C: attn_int8_sm90: out must be a CUDA tensor, got ",
+              where(out.device()));
+  const c10::cuda::CUDAGuard guard(out.device());
+  const DeviceInfo info = device_info(out.device().index());
+  TORCH_CHECK(info.major == 9 && info.minor == 0, "lx2v_C: attn_int8_sm90 is built for sm_90a "
+              "(H100/H200) only; this GPU has compute capability ", num(info.major), ".",
+              num(info.minor));
+  const bool fp16 = out.scalar_type() == at::kHalf;
+  TORCH_CHECK((fp16 || out.scalar_type() == at::kBFloat16) && out.dim() == 4 &&
+                  out.size(3) == 128 && out.is_contiguous() && aligned16(out.data_ptr()),
+              "lx2v_C: attn_int8_sm90: out must be a contiguous bfloat16 or float16 "
+              "[B, Lq, H, 128], got ", name(out.scalar_type()), " ", dims(out.sizes()));
+  const int64_t B = out.size(0), Lq = out.size(1), H = out.size(2), BH = B * H;
+  const int64_t Lq_pad = q8.dim() == 3 ? q8.size(1) : -1, Lk_pad = k8.dim() == 3 ? k8.size(1) : -1;
+  TORCH_CHECK(Lq >= 1 && Lk >= 1 && Lq_pad % 128 == 0 && Lq_pad >= Lq && Lk_pad % 128 == 0 &&
+                  Lk_pad >= Lk && Lq_pad < (int64_t(1) << 30) && Lk_pad < (int64_t(1) << 30),
+              "lx2v_C: attn_int8_sm90: needs 1 <= Lq <= Lq_pad and 1 <= Lk <= Lk_pad, both "
+              "padded to multiples of 128 below 2^30; got Lq=", num(Lq), " Lq_pad=",
+              num(Lq_pad), " Lk=", num(Lk), " Lk_pad=", num(Lk_pad));
+  TORCH_CHECK(BH >= 1 && BH <= 65535, "lx2v_C: attn_int8_sm90: batch × heads must be 1..65535, "
+              "got ", num(BH));
+  check_attn_operand(q8, out, at::kChar, {BH, Lq_pad, 128}, "q8");
+  check_attn_operand(k8, out, at::kChar, {BH, Lk_pad, 128}, "k8");
+  check_attn_operand(vt8, out, at::kChar, {BH, 128, Lk_pad}, "vt8");
+  check_attn_operand(qs, out, at::kFloat, {BH, Lq_pad / 64}, "qs");
+  check_attn_operand(ks, out, at::kFloat, {BH, Lk_pad / 128}, "ks");
+  check_attn_operand(vmean, out, at::kFloat, {BH, 128}, "vmean");
+  check_attn_operand(vscale, out, at::kFloat, {BH, 128}, "vscale");
+  AttnInt8Params p{};
+  p.q8 = q8.data_ptr<int8_t>();
+  p.k8 = k8.data_ptr<int8_t>();
+  p.vt8 = vt8.data_ptr<int8_t>();
+  p.qs = qs.data_ptr<float>();
+  p.ks = ks.data_ptr<float>();
+  p.vmean = vmean.data_ptr<float>();
+  p.vscale = vscale.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.Lq = static_cast<int>(Lq);
+  p.Lk = static_cast<int>(Lk);
+  p.Lq_pad = static_cast<int>(Lq_pad);
+  p.Lk_pad = static_cast<int>(Lk_pad);
+  p.H = static_cast<int>(H);
+  p.trace = nullptr;
+  C10_CUDA_CHECK(attn_int8_sm90(p, static_cast<int>(BH), fp16, 32,
+                                c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 }  // namespace lx2v
 
 TORCH_LIBRARY_IMPL(lx2v_C, CUDA, m) {
+  m.impl("attn_int8_sm90", &lx2v::attn_int8_sm90_cuda);
   m.impl("fp8_gemm", &lx2v::fp8_gemm_cuda);
   m.impl("fp8_gemm_gelu", &lx2v::fp8_gemm_gelu_cuda);
   m.impl("fp8_gemm_residual", &lx2v::fp8_gemm_residual_cuda);
@@ -257,7 +327,8 @@ PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "lightx2v._C_sm90",
     "Hopper (sm_90a) CUDA kernels of lightx2v: the FP8 GEMMs with fused epilogues "
-    "(torch.ops.lx2v_C.fp8_gemm*), registered when this module is imported after "
+    "(torch.ops.lx2v_C.fp8_gemm*) and the warp-specialised INT8 attention "
+    "(torch.ops.lx2v_C.attn_int8_sm90), registered when this module is imported after "
     "lightx2v._C.",
     -1,
     nullptr,

@@ -225,6 +225,11 @@ TORCH_LIBRARY(lx2v_C, m) {
   m.def(
       "fp8_gemm_residual(Tensor(a!) res, Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, "
       "Tensor? bias, Tensor? gate) -> ()");
+  // attn_int8_sm90.cu: softmax(q·kᵀ)·v from the INT8 pre-pass of kernels/attention.py in its
+  // "sm90" layout into out [B, Lq, H, 128]; its CUDA kernel is in lightx2v._C_sm90 too.
+  m.def(
+      "attn_int8_sm90(Tensor(a!) out, Tensor q8, Tensor qs, Tensor k8, Tensor ks, Tensor vt8, "
+      "Tensor vmean, Tensor vscale, int Lk) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lx2v_C, CUDA, m) {

@@ -64,6 +64,8 @@ STATS_CHUNK = 1024
 # None of these spills registers; pointer-tensor loads spilled 400-2800 bytes, hence the
 # TMA descriptors.
 CONFIGS = {"bf16": (128, 128, 8, 4), "fp8": (64, 128, 4, 2, 168), "int8": (64, 128, 4, 2, 168)}
+# the CUDA kernel (int8-ws): 64 rows per consumer warpgroup, 128 keys, 12 warps, 3 stages
+CONFIGS["int8-ws"] = (64, 128, 12, 3)
 # FP8 P·V: add each tile's product to the fp32 accumulator in ordinary fp32 (True), or let
 # the tensor cores accumulate across the whole key loop (False). Hopper's FP8 MMA
 # accumulates with fewer bits than fp32; at S = 75600 one level measured rel-L2 3.96e-2
@@ -121,9 +123,10 @@ def _stats_kernel(
 def _quant_qk_kernel(
     X, MEAN, OUT, SCALE, L, L_pad, H, mult,
     sxb, sxl, sxh,
-    BLK: tl.constexpr, D: tl.constexpr, SUB_MEAN: tl.constexpr,
+    BLK: tl.constexpr, D: tl.constexpr, SUB_MEAN: tl.constexpr, SWZ: tl.constexpr = False,
 ):  # fmt: skip
-    """One block of BLK rows of one head: (x − mean)·mult → INT8, scale = amax/127."""
+    """One block of BLK rows of one head: (x − mean)·mult → INT8, scale = amax/127. SWZ: the
+    16-byte chunk c of row t stored at chunk c ^ (t mod 8) (the "sm90" layout)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -142,7 +145,11 @@ def _quant_qk_kernel(
     xs = x * (127.0 / amax)
     xq = (xs + tl.where(xs >= 0, 0.5, -0.5)).to(tl.int8)  # round half away from zero
     rows = (bh.to(tl.int64) * L_pad + t)[:, None]
-    tl.store(OUT + rows * D + d[None, :], xq)
+    if SWZ:
+        col = ((d // 16)[None, :] ^ (t % 8)[:, None]) * 16 + (d % 16)[None, :]
+    else:
+        col = d[None, :]
+    tl.store(OUT + rows * D + col, xq)
     tl.store(SCALE + bh * (L_pad // BLK) + blk, amax / 127.0)
 
 
@@ -150,9 +157,11 @@ def _quant_qk_kernel(
 def _quant_v_kernel(
     V, MEAN, INV, OUT, L, L_pad, H,
     svb, svl, svh,
-    BT: tl.constexpr, D: tl.constexpr, INT8: tl.constexpr,
+    BT: tl.constexpr, D: tl.constexpr, INT8: tl.constexpr, SM90: tl.constexpr = False,
 ):  # fmt: skip
-    """(v − mean)·inv_scale → FP8 e4m3 or INT8, stored transposed: OUT[b·h, d, t]."""
+    """(v − mean)·inv_scale → FP8 e4m3 or INT8, stored transposed: OUT[b·h, d, t]; SM90
+    (INT8 only, BT dividing 128): per 128-key block [d, key position] with the keys of each
+    32 in the order of `SM90_KEY_ORDER` and 16-byte chunks swizzled by d mod 8."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -169,7 +178,18 @@ def _quant_v_kernel(
     else:
         xq = x.to(tl.float8e4nv)
     base = OUT + bh.to(tl.int64) * D * L_pad
-    tl.store(base + d[:, None] * L_pad + t[None, :], tl.trans(xq))
+    if SM90:
+        tt = t % 128
+        kk = tt % 16
+        # position of key kk (of 16) in the tensor cores' A-operand order: 4a+e holds key
+        # 2a+e for e < 2 and key 2a+6+e otherwise
+        pos = tl.where(kk < 8, 4 * (kk // 2) + kk % 2, 4 * ((kk - 8) // 2) + 2 + kk % 2)
+        kpos = tt - kk + pos
+        chunk = (kpos // 16)[None, :] ^ (d % 8)[:, None]
+        off = (t // 128)[None, :] * (D * 128) + d[:, None] * 128 + chunk * 16 + (kpos % 16)[None, :]
+        tl.store(base + off, tl.trans(xq))
+    else:
+        tl.store(base + d[:, None] * L_pad + t[None, :], tl.trans(xq))
 
 
 # p ∈ [0, 1] → round(127·p) as int8, four values per asm call: through fp16, where
@@ -364,10 +384,16 @@ def v_offset(v_mean: torch.Tensor, v_max: torch.Tensor, v_min: torch.Tensor) -> 
 PV_MODES = {"bf16": 0, "fp8": 1, "int8": 2}
 
 
-def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16"):
+def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16", layout: str = "plain"):
     """The pre-pass: INT8 q and k with per-block scales; with pv "fp8" or "int8", v − offset
     in that type (transposed) with a per-channel scale. Returns a dict of the quantised
-    tensors."""
+    tensors. layout "sm90" (INT8 P·V, blocks of 64 and 128) writes them as the CUDA kernel
+    csrc/attn_int8_sm90.cu reads them (`sm90_relayout` is the reference)."""
+    sm90 = layout == "sm90"
+    if layout not in ("plain", "sm90") or (sm90 and (pv, block_m, block_n) != ("int8", 64, 128)):
+        raise ValueError(
+            f"quantize_qkv: layout {layout!r} with pv {pv!r}, blocks {block_m}, {block_n}"
+        )
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     BH = B * H
@@ -390,11 +416,11 @@ def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16"):
     mult = D**-0.5 * LOG2E
     _quant_qk_kernel[(Lq_pad // block_m, BH)](
         q, q, q8, qs, Lq, Lq_pad, H, mult, q.stride(0), q.stride(1), q.stride(2),
-        BLK=block_m, D=D, SUB_MEAN=False, num_warps=8,
+        BLK=block_m, D=D, SUB_MEAN=False, SWZ=sm90, num_warps=8,
     )  # fmt: skip
     _quant_qk_kernel[(Lk_pad // block_n, BH)](
         k, k_mean, k8, ks, Lk, Lk_pad, H, 1.0, k.stride(0), k.stride(1), k.stride(2),
-        BLK=block_n, D=D, SUB_MEAN=True, num_warps=8,
+        BLK=block_n, D=D, SUB_MEAN=True, SWZ=sm90, num_warps=8,
     )  # fmt: skip
     out = dict(q8=q8, qs=qs, k8=k8, ks=ks, Lq_pad=Lq_pad, Lk_pad=Lk_pad)
     if v8:
@@ -408,9 +434,55 @@ def quantize_qkv(q, k, v, block_m: int, block_n: int, pv: str = "bf16"):
         _quant_v_kernel[(Lk_pad // 64, BH)](
             v, v_mean, 1.0 / v_scale, vt8, Lk, Lk_pad, H,
             v.stride(0), v.stride(1), v.stride(2),
-            BT=64, D=D, INT8=int8, num_warps=4,
+            BT=64, D=D, INT8=int8, SM90=sm90, num_warps=4,
         )  # fmt: skip
         out.update(vt8=vt8, v_mean=v_mean, v_scale=v_scale)
+    return out
+
+
+# The CUDA kernel's key order within each 32 keys (csrc/attn_int8_sm90.cu): position 4a + e
+# of each 16 holds key 2a + e for e < 2 and key 2a + 6 + e otherwise.
+SM90_KEY_ORDER = [16 * h + (2 * a + e if e < 2 else 2 * a + 6 + e)
+                  for h in range(2) for a in range(4) for e in range(4)]  # fmt: skip
+
+
+def _swizzle_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., R, 128] int8 → the 16-byte chunk c of row r at chunk c ^ (r mod 8)."""
+    *lead, R, D = x.shape
+    src = (
+        torch.arange(8, device=x.device)[None, :] ^ (torch.arange(R, device=x.device) % 8)[:, None]
+    )
+    idx = src.view(*([1] * len(lead)), R, 8, 1).expand(*lead, R, 8, 16)
+    return x.reshape(*lead, R, 8, 16).gather(-2, idx).reshape(*lead, R, D)
+
+
+def sm90_relayout(z: dict) -> dict:
+    """The "sm90" layout of `quantize_qkv`'s plain INT8 output, by torch ops (the reference
+    the Triton pre-pass is tested against): q8, k8 with swizzled rows; vt8 as
+    [B·H, Lk_pad/128, 128 channels, 128 keys], keys in SM90_KEY_ORDER per 32, swizzled."""
+    BH, D, Lk_pad = z["vt8"].shape
+    order = torch.tensor(SM90_KEY_ORDER, device=z["vt8"].device)
+    order = (torch.arange(4, device=order.device)[:, None] * 32 + order[None, :]).flatten()
+    vt = z["vt8"].view(BH, D, Lk_pad // 128, 128).permute(0, 2, 1, 3).index_select(3, order)
+    return dict(z, q8=_swizzle_rows(z["q8"]), k8=_swizzle_rows(z["k8"]),
+                vt8=_swizzle_rows(vt.contiguous()).reshape(BH, D, Lk_pad))  # fmt: skip
+
+
+def attention_int8_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """INT8 Q·Kᵀ and P·V by the warp-specialised CUDA kernel (lightx2v._C_sm90, H100/H200):
+    the pre-pass of `attention_int8(pv="int8")` in the "sm90" layout, then
+    torch.ops.lx2v_C.attn_int8_sm90. Same arguments and result as `attention_int8`."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if D != 128 or k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
+    if Lk == 0 or Lq == 0:
+        raise ValueError("lx2v-int8 attention needs non-empty q and k")
+    z = quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90")
+    out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
+    torch.ops.lx2v_C.attn_int8_sm90(
+        out, z["q8"], z["qs"], z["k8"], z["ks"], z["vt8"], z["v_mean"], z["v_scale"], Lk
+    )
     return out
 
 
@@ -424,7 +496,10 @@ def attention_int8(
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√D)·v over [B, L, H, D] tensors (bf16/fp16, D = 128); returns a new
     contiguous [B, Lq, H, D] tensor of q's dtype. Q·Kᵀ in INT8; P·V in `pv`: "bf16" (v's
-    own 16-bit type), "fp8" or "int8"."""
+    own 16-bit type), "fp8" or "int8" (or "int8-ws": INT8 by the CUDA kernel,
+    `attention_int8_ws`)."""
+    if pv == "int8-ws":
+        return attention_int8_ws(q, k, v)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if pv not in PV_MODES:

@@ -121,6 +121,7 @@ def test_registry_on_cpu():
             with pytest.raises(LX2VError, match="lx2v-int8"):
                 A.set_attention_backend("lx2v-int8")
             assert "lx2v-int8" in A.unavailable_attention_backends()
+            assert "lx2v-int8-int8-ws" in A.unavailable_attention_backends()
         A.set_attention_backend("sdpa")
         with A.attention_backend_override("ref"):
             assert A.attention_backend() == "ref"
@@ -310,3 +311,48 @@ def test_interpreted_quantize_qkv_int8(kernels_interpreted):
     assert (got[:, :Lk].float() - codes).abs().max() <= 1  # ±1 where fp32 rounding ties
     assert (got[:, :Lk].float() == codes).float().mean() > 0.999
     assert not got[:, Lk:].any()
+
+
+def test_interpreted_quantize_qkv_sm90_layout(kernels_interpreted):
+    """The pre-pass in the CUDA kernel's layout equals the plain pre-pass relaid out by the
+    torch reference (swizzled rows; v per 128-key block in the tensor cores' key order)."""
+    K = kernels_interpreted
+    B, Lq, Lk, H, D = 1, 70, 150, 2, 128
+    q = rnd(B, Lq, H, D, seed=21).bfloat16()
+    k = rnd(B, Lk, H, D, seed=22, offset=3.0).bfloat16()
+    v = rnd(B, Lk, H, D, seed=23).bfloat16()
+    plain = K.quantize_qkv(q, k, v, 64, 128, "int8")
+    sm90 = K.quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90")
+    want = K.sm90_relayout(plain)
+    for name in ("q8", "k8", "vt8", "qs", "ks", "v_mean", "v_scale"):
+        assert torch.equal(sm90[name], want[name]), name
+    assert not torch.equal(sm90["vt8"], plain["vt8"])
+    with pytest.raises(ValueError, match="layout"):
+        K.quantize_qkv(q, k, v, 64, 128, "fp8", layout="sm90")
+
+
+def test_sm90_relayout_reference():
+    """The torch reference of the "sm90" layout against the definition, element by element:
+    q8/k8 byte (r, c) lands at chunk (c // 16) ^ (r % 8); v's key t of channel d lands in
+    block t // 128 at the position whose key order entry is t % 32 (within its 32)."""
+    from lightx2v.kernels import attention as K
+
+    BH, Lp = 2, 256
+    g = torch.Generator().manual_seed(0)
+    z = {
+        "q8": torch.randint(-127, 128, (BH, 128, 128), generator=g, dtype=torch.int8),
+        "k8": torch.randint(-127, 128, (BH, Lp, 128), generator=g, dtype=torch.int8),
+        "vt8": torch.randint(-127, 128, (BH, 128, Lp), generator=g, dtype=torch.int8),
+    }
+    out = K.sm90_relayout(z)
+    for r, c in [(0, 0), (1, 0), (7, 17), (9, 127), (100, 64)]:
+        pos = ((c // 16) ^ (r % 8)) * 16 + c % 16
+        assert out["k8"][1, r, pos] == z["k8"][1, r, c]
+        assert out["q8"][0, r, pos] == z["q8"][0, r, c]
+    order = K.SM90_KEY_ORDER
+    assert sorted(order) == list(range(32)) and order[:4] == [0, 1, 8, 9]
+    vt = out["vt8"].view(BH, Lp // 128, 128, 128)
+    for d, t in [(0, 0), (3, 9), (5, 130), (127, 255), (64, 40)]:
+        kpos = 32 * ((t % 128) // 32) + order.index(t % 32)
+        pos = ((kpos // 16) ^ (d % 8)) * 16 + kpos % 16
+        assert vt[1, t // 128, d, pos] == z["vt8"][1, d, t]

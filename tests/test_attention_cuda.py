@@ -23,6 +23,18 @@ if torch.cuda.get_device_capability() < (9, 0):
 
 DEV = "cuda"
 
+try:  # the warp-specialised CUDA kernel (lightx2v._C_sm90) where it is built
+    A._LOADERS["lx2v-int8-int8-ws"]()
+    WS = None
+except (ImportError, RuntimeError) as e:
+    WS = f"lx2v-int8-int8-ws unavailable: {e}"
+PVS = [
+    "bf16",
+    "fp8",
+    "int8",
+    pytest.param("int8-ws", marks=pytest.mark.skipif(WS is not None, reason=str(WS))),
+]
+
 
 def qkv(B, Lq, Lk, H, seed, k_offset=0.0):
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -56,7 +68,7 @@ SHAPES = [  # (B, Lq, Lk, H, k_offset)
 ]
 
 
-@pytest.mark.parametrize("pv", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("pv", PVS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_vs_reference(shape, pv):
     B, Lq, Lk, H, off = shape
@@ -77,7 +89,8 @@ def test_kernel_vs_reference(shape, pv):
     assert A.rel_l2(out, sim) <= (0.04 if pv == "fp8" else 0.01)
 
 
-def test_int8_pv_partial_block_and_offsets():
+@pytest.mark.parametrize("pv", PVS[2:])
+def test_int8_pv_partial_block_and_offsets(pv):
     """INT8 P·V against its simulation where the last key block is partial, with offset k
     and a v whose channels have means large enough for the per-channel offset path. q is
     scaled up so attention is sharp enough that an output ignoring it (v's mean) would be
@@ -86,7 +99,7 @@ def test_int8_pv_partial_block_and_offsets():
     g = torch.Generator(device=DEV).manual_seed(111)
     q = (q.float() * 3.0).bfloat16()
     v = (v.float() + 1.5 * torch.randn(128, device=DEV, generator=g)).bfloat16()
-    out = K.attention_int8(q, k, v, pv="int8")
+    out = K.attention_int8(q, k, v, pv=pv)
     bm, bn = K.config("int8")[:2]
     sim = A.attention_8bit_sim(q, k, v, pv="int8", block_m=bm, block_n=bn)
     ref = A.attention_ref(q.float(), k.float(), v.float())
@@ -95,15 +108,16 @@ def test_int8_pv_partial_block_and_offsets():
     assert A.rel_l2(out, ref) <= A.GATE_REL_L2 and A.cosine(out, ref) >= A.GATE_COSINE
 
 
+@pytest.mark.parametrize("pv", PVS[2:])
 @pytest.mark.parametrize("scale", [12.0, 40.0])
-def test_int8_pv_large_logits(scale):
+def test_int8_pv_large_logits(scale, pv):
     """Large q and k (logit scales s ≈ 2e-2 and 0.25, where the row maximum's P must still
     round to 127 and never wrap to −128, as it did from s ≈ 1e-2 before the exponent was
     taken relative to the integer row maximum): the kernel against its simulation, full
     and partial key blocks."""
     q, k, v = qkv(1, 300, 1000, 2, seed=12)
     q, k = (q.float() * scale).bfloat16(), (k.float() * scale).bfloat16()
-    out = K.attention_int8(q, k, v, pv="int8")
+    out = K.attention_int8(q, k, v, pv=pv)
     bm, bn = K.config("int8")[:2]
     sim = A.attention_8bit_sim(q, k, v, pv="int8", block_m=bm, block_n=bn)
     assert torch.isfinite(out).all()
@@ -112,8 +126,14 @@ def test_int8_pv_large_logits(scale):
 
 @pytest.mark.parametrize(
     "pv,two_level",
-    [("bf16", True), ("fp8", True), ("fp8", False), ("int8", True)],
-    ids=["bf16pv", "fp8pv", "fp8pv-1lvl", "int8pv"],
+    [
+        ("bf16", True),
+        ("fp8", True),
+        ("fp8", False),
+        ("int8", True),
+        pytest.param("int8-ws", True, marks=pytest.mark.skipif(WS is not None, reason=str(WS))),
+    ],
+    ids=["bf16pv", "fp8pv", "fp8pv-1lvl", "int8pv", "int8pv-ws"],
 )
 def test_kernel_long(pv, two_level):
     q, k, v = qkv(1, 32760, 32760, 2, seed=3)
@@ -135,15 +155,21 @@ def test_non_contiguous_inputs_and_every_row_written():
 
 def test_opcheck():
     q, k, v = qkv(2, 200, 300, 2, seed=5)
-    for pv in ("bf16", "fp8", "int8"):
+    for pv in ("bf16", "fp8", "int8") + (() if WS else ("int8-ws",)):
         torch.library.opcheck(torch.ops.lightx2v.attention_int8, (q, k, v, pv))
+    if WS is None:
+        z = K.quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90")
+        out = torch.empty_like(q)
+        args = (out, z["q8"], z["qs"], z["k8"], z["ks"], z["vt8"], z["v_mean"], z["v_scale"], 300)
+        torch.library.opcheck(torch.ops.lx2v_C.attn_int8_sm90, args)
 
 
 def test_fullgraph_compile_equals_eager():
     q, k, v = qkv(2, 500, 500, 2, seed=6)
     w = torch.randn(128, 128, device=DEV).bfloat16()
 
-    for fn in (A.attention_lx2v_int8, A.attention_lx2v_int8_int8):
+    fns = (A.attention_lx2v_int8, A.attention_lx2v_int8_int8)
+    for fn in fns + (() if WS else (A.attention_lx2v_int8_int8_ws,)):
 
         def block(q, k, v, fn=fn):
             return fn(q @ w, k, v) * 2
@@ -184,3 +210,24 @@ def test_fa4_backend_eager_and_compiled(shape):
     assert err(eager) <= bound, (err(eager), bound)
     compiled = torch.compile(lambda q, k, v: fa4(q, k, v) * 1.0, fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(WS is not None, reason=str(WS))
+def test_ws_kernel_equals_triton_kernel():
+    """The CUDA kernel against the Triton one, which does the same arithmetic: they differ
+    only in the order of the row sums (fp32), at odd lengths, cross-attention and batch 2,
+    fp16 as well as bf16; and a bad operand is one clear error."""
+    for B, Lq, Lk, H in [(1, 77, 77, 2), (2, 300, 769, 3), (1, 4097, 4097, 2), (2, 1, 64, 1)]:
+        q, k, v = qkv(B, Lq, Lk, H, seed=Lq, k_offset=3.0)
+        for dt in (torch.bfloat16, torch.float16):
+            q_, k_, v_ = (x.to(dt) for x in (q, k, v))
+            ws = K.attention_int8(q_, k_, v_, pv="int8-ws")
+            tri = K.attention_int8(q_, k_, v_, pv="int8")
+            assert ws.dtype == dt and torch.isfinite(ws).all()
+            assert A.rel_l2(ws, tri) <= 2e-3
+    z = K.quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90")
+    with pytest.raises(RuntimeError, match="vt8 must be"):
+        torch.ops.lx2v_C.attn_int8_sm90(
+            torch.empty_like(q), z["q8"], z["qs"], z["k8"], z["ks"], z["vt8"][:, :64],
+            z["v_mean"], z["v_scale"], Lk,
+        )  # fmt: skip

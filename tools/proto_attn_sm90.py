@@ -2,9 +2,10 @@
 
     python3 tools/proto_attn_sm90.py [--variants 32,4032] [--seconds 4] [--trace 932|4932]
 
-Builds the .cu alone with torch.utils.cpp_extension.load, relays the Triton pre-pass's
-operands out into the kernel's layout with torch ops (not timed), checks outputs against
-the Triton kernel and fp32, then times the main kernels at the benchmark shapes.
+Builds the .cu alone with torch.utils.cpp_extension.load, runs the Triton pre-pass in the
+kernel's layout (checked against the torch relayout), checks outputs against the Triton
+kernel and fp32, then times the main kernels at the benchmark shapes (the "+ pre-pass"
+column adds the sm90-layout pre-pass's own time).
 """
 
 from __future__ import annotations
@@ -39,37 +40,14 @@ def build():
     )
 
 
-def key_perm(device) -> torch.Tensor:
-    """kpos → key within each 128-key tile (the order the kernel's P registers hold)."""
-    out = []
-    for kpos in range(128):
-        base, k32 = 32 * (kpos // 32), kpos % 32
-        half, r = 16 * (k32 // 16), k32 % 16
-        t, e = r // 4, r % 4
-        out.append(base + half + (2 * t + e if e < 2 else 8 + 2 * t + e - 2))
-    return torch.tensor(out, device=device)
-
-
-def swizzle_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., R, 128] int8: chunk c of row r stored at chunk c ^ (r mod 8)."""
-    *lead, R, D = x.shape
-    r8 = torch.arange(R, device=x.device) % 8
-    idx = torch.arange(8, device=x.device)[None, :] ^ r8[:, None]  # [R, 8]: src chunk
-    xv = x.reshape(*lead, R, 8, 16)
-    idx = idx.view(*([1] * len(lead)), R, 8, 1).expand(*lead, R, 8, 16)
-    return xv.gather(-2, idx).reshape(*lead, R, D)
-
-
 def operands(q, k, v):
+    """(the plain pre-pass for the Triton kernel, then q8, k8, vt8 of the "sm90" pre-pass),
+    the latter checked once against the torch relayout of the former."""
     qz = ka.quantize_qkv(q, k, v, 64, 128, "int8")
-    BH = qz["q8"].shape[0]
-    Lk_pad = qz["Lk_pad"]
-    q8 = swizzle_rows(qz["q8"]).contiguous()
-    k8 = swizzle_rows(qz["k8"]).contiguous()
-    vt = qz["vt8"].view(BH, 128, Lk_pad // 128, 128).permute(0, 2, 1, 3)  # [BH, nT, ch, key]
-    vt = vt.index_select(3, key_perm(q.device))
-    vt = swizzle_rows(vt.contiguous()).contiguous()
-    return qz, q8, k8, vt
+    z = ka.quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90")
+    want = ka.sm90_relayout(qz)
+    assert all(torch.equal(z[n], want[n]) for n in ("q8", "k8", "vt8")), "sm90 pre-pass layout"
+    return qz, z["q8"], z["k8"], z["vt8"]
 
 
 def run_sm90(ext, q, k, v, ops, stages):
@@ -151,7 +129,7 @@ def speed_row(ext, S, B, stages, seconds, g):
     )
     flop = 4 * S * S * 128 * H * B
     ops = operands(q, k, v)
-    pre = timed(lambda: ka.quantize_qkv(q, k, v, 64, 128, "int8"), 1.0)
+    pre = timed(lambda: ka.quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90"), 1.0)
     full = timed(lambda: ka.attention_int8(q, k, v, pv="int8"), seconds)
     tri = timed(lambda: triton_main(q, k, v, ops[0]), seconds)
     res = {st: timed(lambda st=st: run_sm90(ext, q, k, v, ops, st), seconds) for st in stages}

@@ -11,6 +11,8 @@ a CUDA device is.
     torch.ops.lx2v_C.fp8_gemm[_gelu](out, a, a_scale, b, b_scale, bias)    (lightx2v/ops/gemm.py;
     torch.ops.lx2v_C.fp8_gemm_residual(res, a, a_scale, b, b_scale, bias, gate)   kernels in
                                                                             lightx2v._C_sm90)
+    torch.ops.lx2v_C.attn_int8_sm90(out, q8, qs, k8, ks, vt8, vmean, vscale, Lk)   (kernels/
+                                                         attention.py; lightx2v._C_sm90)
 
 Each writes its caller-allocated outputs (schemas mark them `Tensor(a!)`) and returns
 nothing. Inputs: x, q, k [B, L, D] float32/bfloat16/float16 with a unit last stride and rows
@@ -49,6 +51,13 @@ def _(q_out, k_out, q, k, weight_q, weight_k, cos, sin, eps):
 
 @torch.library.register_fake("lx2v_C::adaln_fp8")
 def _(out, out_scale, x, shift, scale, eps, affine=False):
+    return None
+
+
+# The warp-specialised INT8 attention (kernels/attention.py, attention_int8_ws); its CUDA
+# kernel comes with lightx2v._C_sm90.
+@torch.library.register_fake("lx2v_C::attn_int8_sm90")
+def _(out, q8, qs, k8, ks, vt8, vmean, vscale, Lk):
     return None
 
 

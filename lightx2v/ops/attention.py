@@ -16,6 +16,9 @@ with `set_attention_backend`:
 - "lx2v-int8-int8": the same with INT8 P·V: P rounded to 0..127 against each key block's
   own row maximum, v to INT8 per channel (≈2.2% rel-L2 on random normal inputs: passes
   the gate; faster than bf16 P·V).
+- "lx2v-int8-int8-ws": the same arithmetic as "lx2v-int8-int8" in a warp-specialised CUDA
+  kernel (csrc/attn_int8_sm90.cu, lightx2v._C_sm90; H100/H200): a producer warpgroup streams
+  K and V, two consumer warpgroups of 64 rows share them.
 - "sage": sageattention (PyPI) when installed; "flash": flash-attn when installed.
 - "auto": the fastest of those that pass a one-time self-check on this GPU (accuracy
   against `attention_ref` on random and offset-k inputs, odd lengths; then a timing).
@@ -161,6 +164,24 @@ def attention_lx2v_int8_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return _attention_int8_op(q, k, v, "int8")
 
 
+def attention_lx2v_int8_int8_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _attention_int8_op(q, k, v, "int8-ws")
+
+
+def _load_lx2v_ws() -> AttentionFn:
+    """The CUDA kernel of lx2v-int8-int8 (csrc/attn_int8_sm90.cu): lightx2v._C_sm90 built,
+    an sm_90 GPU."""
+    fn = _load_lx2v(attention_lx2v_int8_int8_ws)()
+    if torch.cuda.get_device_capability() != (9, 0):
+        raise RuntimeError("the CUDA kernel is built for sm_90a (H100/H200) only")
+    from lightx2v.ops.gemm import _sm90_module_status
+
+    ok, why = _sm90_module_status()
+    if not ok:
+        raise RuntimeError(why)
+    return fn
+
+
 def _load_lx2v(fn: AttentionFn) -> Callable[[], AttentionFn]:
     def load() -> AttentionFn:
         if not torch.cuda.is_available():
@@ -237,18 +258,29 @@ _LOADERS: dict[str, Callable[[], AttentionFn]] = {
     "lx2v-int8": _load_lx2v(attention_lx2v_int8),
     "lx2v-int8-fp8": _load_lx2v(attention_lx2v_int8_fp8),
     "lx2v-int8-int8": _load_lx2v(attention_lx2v_int8_int8),
+    "lx2v-int8-int8-ws": _load_lx2v_ws,
     "sage": _load_sage,
     "flash": _load_flash,
     "fa4": _load_fa4,
 }
 # "auto" tries these, fastest first by expectation; the self-check times them anyway.
-AUTO_CANDIDATES = ("lx2v-int8-int8", "lx2v-int8-fp8", "lx2v-int8", "fa4", "sage", "flash", "sdpa")
+AUTO_CANDIDATES = (
+    "lx2v-int8-int8",
+    "lx2v-int8-int8-ws",
+    "lx2v-int8-fp8",
+    "lx2v-int8",
+    "fa4",
+    "sage",
+    "flash",
+    "sdpa",
+)
 ATTENTION_CHOICES = (
     "auto",
     "sdpa",
     "lx2v-int8",
     "lx2v-int8-fp8",
     "lx2v-int8-int8",
+    "lx2v-int8-int8-ws",
     "sage",
     "flash",
     "fa4",
