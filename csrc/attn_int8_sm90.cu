@@ -226,9 +226,13 @@ __device__ __forceinline__ void softmax_block(int (&S)[64], float sc, int col0, 
   for (int i = 0; i < 64; ++i) {
     const int r = (i >> 1) & 1;
     float x = fmaf(__int_as_float(S[i] + (kMagicI - mx[r])), sc, nc);
-    if (kChain > 0 && i % kChain == 0 && i > 0) x = fmaf(last, 0.f, x);
+    if constexpr (kChain > 0) {
+      if (i % kChain == 0 && i > 0) x = fmaf(last, 0.f, x);
+    }
     float pv = ex2(x);
-    if (kChain > 0 && i % kChain == kChain - 1) last = pv;
+    if constexpr (kChain > 0) {
+      if (i % kChain == kChain - 1) last = pv;
+    }
     if (kMasked && col0 + 8 * (i >> 2) + (i & 1) >= Lk) pv = 0.f;
     S[i] = __float_as_int(pv);
     sum[r][(i >> 2) & 1] += pv;
@@ -345,7 +349,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
 
   // every block but the last: its softmax, then O_j and S_{j+1} in flight together
   const bool tr = kAblate == 9 && t == 0 && blockIdx.x == 7 && blockIdx.y == 0;
-  int64_t* trc = p.trace + static_cast<int64_t>(cw) * nblk * 8;
+  int64_t* trc = tr ? p.trace + static_cast<int64_t>(cw) * nblk * 8 : nullptr;
   for (int j = 0; j < nblk - 1; ++j) {
     const int s = j % kStages, s1 = (j + 1) % kStages;
     if (tr) trc[8 * j + 0] = stamp(S[0], S[63]);

@@ -11,7 +11,8 @@ namespace lx2v {
 struct AttnInt8Params {
   const int8_t* q8;     // [BH, Lq_pad, 128], swizzled
   const int8_t* k8;     // [BH, Lk_pad, 128], swizzled
-  const int8_t* vt8;    // [BH, Lk_pad/128, 128, 128], permuted + swizzled
+  const int8_t* vt8;    // [BH, Lk_pad/128, 128, 128] (the op's [BH, 128, Lk_pad] tensor
+                        // holds these bytes), permuted + swizzled
   const float* qs;      // [BH, Lq_pad/64]
   const float* ks;      // [BH, Lk_pad/128]
   const float* vmean;   // [BH, 128]

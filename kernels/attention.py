@@ -64,8 +64,6 @@ STATS_CHUNK = 1024
 # None of these spills registers; pointer-tensor loads spilled 400-2800 bytes, hence the
 # TMA descriptors.
 CONFIGS = {"bf16": (128, 128, 8, 4), "fp8": (64, 128, 4, 2, 168), "int8": (64, 128, 4, 2, 168)}
-# the CUDA kernel (int8-ws): 64 rows per consumer warpgroup, 128 keys, 12 warps, 3 stages
-CONFIGS["int8-ws"] = (64, 128, 12, 3)
 # FP8 P·V: add each tile's product to the fp32 accumulator in ordinary fp32 (True), or let
 # the tensor cores accumulate across the whole key loop (False). Hopper's FP8 MMA
 # accumulates with fewer bits than fp32; at S = 75600 one level measured rel-L2 3.96e-2
@@ -478,6 +476,13 @@ def attention_int8_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
         raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
     if Lk == 0 or Lq == 0:
         raise ValueError("lx2v-int8 attention needs non-empty q and k")
+    from lightx2v.ops.gemm import _sm90_module_status  # imports lightx2v._C and _C_sm90
+
+    ok, why = _sm90_module_status()
+    if not ok:
+        raise RuntimeError(f"lx2v-int8-int8-ws: {why}")
+    # the pre-pass reads rows with a unit last stride (any other strides)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     z = quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90")
     out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
     torch.ops.lx2v_C.attn_int8_sm90(
@@ -499,6 +504,8 @@ def attention_int8(
     own 16-bit type), "fp8" or "int8" (or "int8-ws": INT8 by the CUDA kernel,
     `attention_int8_ws`)."""
     if pv == "int8-ws":
+        if config is not None or two_level is not None:
+            raise ValueError("lx2v-int8 attention: pv 'int8-ws' (the CUDA kernel) takes no config")
         return attention_int8_ws(q, k, v)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -541,5 +548,5 @@ def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 def config(pv: str) -> tuple[int, ...]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) used by default for a P·V
-    precision."""
-    return CONFIGS[pv]
+    precision ("int8-ws", the CUDA kernel, quantises with the blocks of "int8")."""
+    return CONFIGS["int8" if pv == "int8-ws" else pv]

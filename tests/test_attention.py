@@ -335,6 +335,7 @@ def test_sm90_relayout_reference():
     """The torch reference of the "sm90" layout against the definition, element by element:
     q8/k8 byte (r, c) lands at chunk (c // 16) ^ (r % 8); v's key t of channel d lands in
     block t // 128 at the position whose key order entry is t % 32 (within its 32)."""
+    pytest.importorskip("triton")
     from lightx2v.kernels import attention as K
 
     BH, Lp = 2, 256
@@ -350,7 +351,8 @@ def test_sm90_relayout_reference():
         assert out["k8"][1, r, pos] == z["k8"][1, r, c]
         assert out["q8"][0, r, pos] == z["q8"][0, r, c]
     order = K.SM90_KEY_ORDER
-    assert sorted(order) == list(range(32)) and order[:4] == [0, 1, 8, 9]
+    assert order == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                     16, 17, 24, 25, 18, 19, 26, 27, 20, 21, 28, 29, 22, 23, 30, 31]  # fmt: skip
     vt = out["vt8"].view(BH, Lp // 128, 128, 128)
     for d, t in [(0, 0), (3, 9), (5, 130), (127, 255), (64, 40)]:
         kpos = 32 * ((t % 128) // 32) + order.index(t % 32)

@@ -27,6 +27,15 @@ try:  # the warp-specialised CUDA kernel (lightx2v._C_sm90) where it is built
     A._LOADERS["lx2v-int8-int8-ws"]()
     WS = None
 except (ImportError, RuntimeError) as e:
+    # an H100/H200 with lightx2v._C_sm90 built must have it: fail rather than skip
+    import importlib.util
+
+    if torch.cuda.get_device_capability() == (9, 0) and importlib.util.find_spec(
+        "lightx2v._C_sm90"
+    ):
+        raise RuntimeError(
+            f"lightx2v._C_sm90 is built but lx2v-int8-int8-ws does not load: {e}"
+        ) from e
     WS = f"lx2v-int8-int8-ws unavailable: {e}"
 PVS = [
     "bf16",
@@ -78,7 +87,9 @@ def test_kernel_vs_reference(shape, pv):
     assert torch.isfinite(out).all()
     ref = A.attention_ref(q.float(), k.float(), v.float())
     bm, bn = K.config(pv)[:2]
-    sim = A.attention_8bit_sim(q, k, v, pv=pv, block_m=bm, block_n=bn)
+    sim = A.attention_8bit_sim(
+        q, k, v, pv="int8" if pv == "int8-ws" else pv, block_m=bm, block_n=bn
+    )
     tol = 0.05 if pv == "fp8" else A.GATE_REL_L2
     if Lk > 1:
         assert A.rel_l2(out, ref) <= tol
@@ -144,13 +155,18 @@ def test_kernel_long(pv, two_level):
     assert A.cosine(out, ref) >= A.GATE_COSINE
 
 
-def test_non_contiguous_inputs_and_every_row_written():
+@pytest.mark.parametrize("pv", ["bf16"] + PVS[3:])
+def test_non_contiguous_inputs_and_every_row_written(pv):
     B, L, H = 2, 1000, 3
     qkv_ = torch.randn(B, L, 3, H, 128, device=DEV).bfloat16()  # a fused projection's view
     q, k, v = qkv_[:, :, 0], qkv_[:, :, 1], qkv_[:, :, 2]
-    out = K.attention_int8(q, k, v)
+    out = K.attention_int8(q, k, v, pv=pv)
     ref = A.attention_ref(q.float(), k.float(), v.float())
     assert torch.isfinite(out).all() and A.rel_l2(out, ref) <= A.GATE_REL_L2
+    vt = torch.randn(B, L, H, 256, device=DEV).bfloat16()[..., ::2]  # last stride 2
+    out = K.attention_int8(q, k, vt, pv=pv)
+    ref = A.attention_ref(q.float(), k.float(), vt.float())
+    assert A.rel_l2(out, ref) <= A.GATE_REL_L2
 
 
 def test_opcheck():

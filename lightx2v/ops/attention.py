@@ -179,6 +179,8 @@ def _load_lx2v_ws() -> AttentionFn:
     ok, why = _sm90_module_status()
     if not ok:
         raise RuntimeError(why)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("lx2v_C::attn_int8_sm90", "CUDA"):
+        raise RuntimeError("lightx2v._C_sm90 predates the attention kernel: rebuild it")
     return fn
 
 
@@ -264,9 +266,9 @@ _LOADERS: dict[str, Callable[[], AttentionFn]] = {
     "fa4": _load_fa4,
 }
 # "auto" tries these, fastest first by expectation; the self-check times them anyway.
+# (lx2v-int8-int8-ws joins them once it has passed on a GPU)
 AUTO_CANDIDATES = (
     "lx2v-int8-int8",
-    "lx2v-int8-int8-ws",
     "lx2v-int8-fp8",
     "lx2v-int8",
     "fa4",
