@@ -95,7 +95,7 @@ def _sm90_module_status() -> tuple[bool, str]:
     try:
         dispatch.csrc()  # lightx2v._C: the op schemas
         importlib.import_module("lightx2v._C_sm90")  # their CUDA kernels
-    except (ImportError, OSError, RuntimeError) as e:  # RuntimeError: _C older than the ops
+    except (ImportError, OSError) as e:
         return False, f"lightx2v._C_sm90 does not load ({e})"
     except RuntimeError as e:
         return False, dispatch.stale_extension(e)
