@@ -38,13 +38,17 @@
 // without the int32 → fp32 accumulation at 1021. A timeline (variant 932) shows ~1 300 of
 // ~2 900 cycles per key block in the softmax, where ptxas issues the 64 MUFU.EX2 back to
 // back. Variant 4032 chains the exponentials in groups of 4 (longest MUFU run 3 in the SASS
-// instead of 61); it has not run on a GPU yet.
+// instead of 61). Variant 10032 adds each block's product into the accumulator during the
+// next block's softmax: in its SASS the 128 FFMAs of that addition sit 7 to a gap between
+// the first 26 exponentials, and the loop's critical path loses the ~450 cycles the
+// timeline measured for the addition. Neither has run on a GPU yet.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attn_int8_sm90.h"
 
@@ -316,7 +320,7 @@ __device__ __forceinline__ __half to_out<__half>(float x) {
   return __float2half_rn(x);
 }
 
-template <typename OutT, int kStages, int kPingPong, int kAblate, int kChain>
+template <typename OutT, int kStages, int kPingPong, int kAblate, int kChain, int kDefer>
 __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int cw, int t,
                                          uint32_t sQ, uint32_t sK, uint32_t sV, int mblk, int bh,
                                          int nblk) {
@@ -330,7 +334,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2], rs[2];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2] = {0.f, 0.f}, rs[2] = {0.f, 0.f};
 
   mbar_wait(bars.q(), 0);
   mbar_wait(bars.full_k(0), 0);
@@ -350,7 +354,50 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
   // every block but the last: its softmax, then O_j and S_{j+1} in flight together
   const bool tr = kAblate == 9 && t == 0 && blockIdx.x == 7 && blockIdx.y == 0;
   int64_t* trc = tr ? p.trace + static_cast<int64_t>(cw) * nblk * 8 : nullptr;
-  for (int j = 0; j < nblk - 1; ++j) {
+  // kDefer: O_{j-1} is added into the accumulator during block j's softmax (filling the
+  // gaps between its exponentials), not between issuing O_j and waiting for S_{j+1}. The
+  // first block has no O pending: peeled off, so that the loop body is one basic block and
+  // ptxas can interleave the two.
+  auto defer_step = [&](const int j, auto first_tag) {
+    constexpr bool kFirst = decltype(first_tag)::value;
+    const int s = j % kStages, s1 = (j + 1) % kStages;
+    if (tr) trc[8 * j + 0] = stamp(S[0], S[63]);
+    const float ap[2] = {alpha[0], alpha[1]}, rp[2] = {rs[0], rs[1]};
+    softmax_block<false, kChain>(S, round22(qsc * ksp[j]), 0, 0, m, l, alpha, rs);
+    if constexpr (!kFirst) add_block(acc, O, ap, rp);
+    pack_p(S, P);
+    if (tr) trc[8 * j + 1] = stamp(P[0], __float_as_uint(acc[63]));
+    mbar_wait(bars.full_v(s), (j / kStages) & 1);
+    mbar_wait(bars.full_k(s1), ((j + 1) / kStages) & 1);
+    if (tr) trc[8 * j + 2] = stamp(P[0], P[15]);
+    if (kPingPong) turn_wait(cw);
+    if (tr) trc[8 * j + 3] = stamp(P[0], P[15]);
+    wg_fence();
+    pv_issue(O, P, sV + s * kTile);
+    wg_commit();
+    qk_issue(S, dq, sK + s1 * kTile);
+    wg_commit();
+    if (tr) trc[8 * j + 4] = stamp(P[0], P[15]);
+    if (kPingPong == 1) turn_pass(cw);
+    wg_wait<1>();
+    pin(O);
+    if (tr) trc[8 * j + 5] = stamp(O[0], O[63]);
+    if (tr) trc[8 * j + 6] = trc[8 * j + 5];
+    wg_wait<0>();
+    pin(S);
+    pin16(P);
+    if (tr) trc[8 * j + 7] = stamp(S[0], S[63]);
+    if (kPingPong == 2) turn_pass(cw);
+    if (lane == 0) {
+      mbar_arrive(bars.empty_v(s));
+      mbar_arrive(bars.empty_k(s1));
+    }
+  };
+  if (kDefer && nblk > 1) {
+    defer_step(0, std::true_type{});
+    for (int j = 1; j < nblk - 1; ++j) defer_step(j, std::false_type{});
+  }
+  for (int j = 0; j < nblk - 1 && !kDefer; ++j) {
     const int s = j % kStages, s1 = (j + 1) % kStages;
     if (tr) trc[8 * j + 0] = stamp(S[0], S[63]);
     if (kAblate != 1) {
@@ -386,11 +433,13 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
   {  // the last block, whose keys past Lk are masked
     const int j = nblk - 1, s = j % kStages;
     const float sc = round22(qsc * ksp[j]);
+    const float ap[2] = {alpha[0], alpha[1]}, rp[2] = {rs[0], rs[1]};
     if (partial) {
       softmax_block<true, kChain>(S, sc, kBlockN * j + 2 * q4, p.Lk, m, l, alpha, rs);
     } else {
       softmax_block<false, kChain>(S, sc, 0, 0, m, l, alpha, rs);
     }
+    if (kDefer && nblk > 1) add_block(acc, O, ap, rp);
     pack_p(S, P);
     mbar_wait(bars.full_v(s), (j / kStages) & 1);
     if (kPingPong) turn_wait(cw);
@@ -436,7 +485,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
   }
 }
 
-template <typename OutT, int kStages, int kPingPong, int kAblate, int kChain>
+template <typename OutT, int kStages, int kPingPong, int kAblate, int kChain, int kDefer>
 __global__ void __launch_bounds__(kThreads, 1) attn_int8_kernel(const __grid_constant__ Params p) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t bar_mem[1 + 4 * kStages];
@@ -478,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_int8_kernel(const __grid_con
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
-    consumer<OutT, kStages, kPingPong, kAblate, kChain>(p, bars, wg - 1, tid % 128, sQ, sK, sV, mblk, bh, nblk);
+    consumer<OutT, kStages, kPingPong, kAblate, kChain, kDefer>(p, bars, wg - 1, tid % 128, sQ, sK, sV, mblk, bh, nblk);
   }
 }
 
@@ -486,9 +535,9 @@ constexpr size_t smem_bytes(int stages) {
   return static_cast<size_t>(kBlockM) * kD + static_cast<size_t>(stages) * 2 * kTile + 1024;
 }
 
-template <typename OutT, int kStages, int kPingPong, int kAblate = 0, int kChain = 0>
+template <typename OutT, int kStages, int kPingPong, int kAblate = 0, int kChain = 0, int kDefer = 0>
 cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
-  auto kernel = attn_int8_kernel<OutT, kStages, kPingPong, kAblate, kChain>;
+  auto kernel = attn_int8_kernel<OutT, kStages, kPingPong, kAblate, kChain, kDefer>;
   const size_t smem = smem_bytes(kStages);
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -501,13 +550,14 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 }  // namespace attn_sm90
 
 // out [B, Lq, H, 128] (bf16 if !fp16, else fp16) from the pre-pass's operands. variant:
-// 1000·exponential group (kChain, 0 = none) + 100·ablation (prototypes: 1 no softmax, 2 no
+// 10000·kDefer (O_j added during the next block's softmax) + 1000·exponential group (kChain,
+// 0 = none) + 100·ablation (prototypes: 1 no softmax, 2 no
 // accumulation, 9 timeline) + 10·stages + ping-pong (0: none; 1: the turn passes when a
 // warpgroup has issued its products; 2: when they have completed). The library builds 32;
 // prototypes (LX2V_ATTN_STANDALONE) build the list below or LX2V_ATTN_VARIANTS.
 #ifdef LX2V_ATTN_STANDALONE
 #ifndef LX2V_ATTN_VARIANTS
-#define LX2V_ATTN_VARIANTS X(30) X(32) X(132) X(232) X(932) X(4032) X(8032) X(4932)
+#define LX2V_ATTN_VARIANTS X(32) X(4032) X(10032) X(14032) X(932) X(4932) X(10932) X(14932)
 #endif
 #else
 #define LX2V_ATTN_VARIANTS X(32)
@@ -515,7 +565,7 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 cudaError_t attn_int8_sm90(const AttnInt8Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream) {
   using namespace attn_sm90;
-#define LX2V_ARGS(V) V / 10 % 10, V % 10, V / 100 % 10, V / 1000
+#define LX2V_ARGS(V) V / 10 % 10, V % 10, V / 100 % 10, V / 1000 % 10, V / 10000
 #ifdef LX2V_ATTN_STANDALONE  // prototypes: bf16 only, for a shorter build
 #define X(V) \
   case V:    \
