@@ -29,7 +29,11 @@ def build():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return load(
         name="lx2v_attn_sm90_proto",
-        sources=[os.path.join(root, "csrc", "attn_int8_sm90.cu")],
+        sources=[
+            os.path.join(root, "csrc", "attn_int8_sm90.cu"),
+            os.path.join(root, "tools", "proto_attn_sm90_binding.cpp"),
+        ],
+        extra_include_paths=[os.path.join(root, "csrc")],
         extra_cuda_cflags=[
             "-O3",
             "-DLX2V_ATTN_STANDALONE",
