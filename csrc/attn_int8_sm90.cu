@@ -557,7 +557,7 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 // prototypes (LX2V_ATTN_STANDALONE) build the list below or LX2V_ATTN_VARIANTS.
 #ifdef LX2V_ATTN_STANDALONE
 #ifndef LX2V_ATTN_VARIANTS
-#define LX2V_ATTN_VARIANTS X(32) X(4032) X(10032) X(14032) X(10042) X(932) X(10932)
+#define LX2V_ATTN_VARIANTS X(32) X(4032) X(10032) X(14032) X(10042) X(10031) X(932) X(10932)
 #endif
 #else
 #define LX2V_ATTN_VARIANTS X(32)

@@ -195,7 +195,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--variants",
-        default="32,4032,10032,14032,10042",
+        default="32,4032,10032,14032,10042,10031",
         help="see attn_int8_sm90 in csrc/attn_int8_sm90.cu",
     )
     ap.add_argument("--seconds", type=float, default=3.0)
