@@ -553,15 +553,17 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 // 10000·kDefer (O_j added during the next block's softmax) + 1000·exponential group (kChain,
 // 0 = none) + 100·ablation (prototypes: 1 no softmax, 2 no
 // accumulation, 9 timeline) + 10·stages + ping-pong (0: none; 1: the turn passes when a
-// warpgroup has issued its products; 2: when they have completed). The library builds 32;
+// warpgroup has issued its products; 2: when they have completed). The library builds
+// kAttnSm90Variant (attn_int8_sm90.h);
 // prototypes (LX2V_ATTN_STANDALONE) build the list below or LX2V_ATTN_VARIANTS.
 #ifdef LX2V_ATTN_STANDALONE
 #ifndef LX2V_ATTN_VARIANTS
 #define LX2V_ATTN_VARIANTS X(32) X(4032) X(10032) X(14032) X(10042) X(10031) X(932) X(10932)
 #endif
 #else
-#define LX2V_ATTN_VARIANTS X(32)
+#define LX2V_ATTN_VARIANTS X(10031)
 #endif
+static_assert(kAttnSm90Variant == 10031, "LX2V_ATTN_VARIANTS builds the library's variant");
 cudaError_t attn_int8_sm90(const AttnInt8Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream) {
   using namespace attn_sm90;

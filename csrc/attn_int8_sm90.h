@@ -23,7 +23,10 @@ struct AttnInt8Params {
 };
 
 // out [B, Lq, H, 128] (bf16, or fp16 if fp16) from the pre-pass's operands in the "sm90"
-// layout (kernels/attention.py); BH = B·H; variant 32 (see attn_int8_sm90.cu).
+// layout (kernels/attention.py); BH = B·H; variant kAttnSm90Variant (see attn_int8_sm90.cu).
+// The library's variant: O_j added during the next block's softmax, 3 stages, the turn
+// passed on issue (791-801 TFLOP/s against 729-743 for 32, H200, docs/BENCHMARKS.md).
+constexpr int kAttnSm90Variant = 10031;
 cudaError_t attn_int8_sm90(const AttnInt8Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream);
 

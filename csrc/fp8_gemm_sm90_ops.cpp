@@ -307,7 +307,7 @@ void attn_int8_sm90_cuda(at::Tensor& out, const at::Tensor& q8, const at::Tensor
   p.Lk_pad = static_cast<int>(Lk_pad);
   p.H = static_cast<int>(H);
   p.trace = nullptr;
-  C10_CUDA_CHECK(attn_int8_sm90(p, static_cast<int>(BH), fp16, 32,
+  C10_CUDA_CHECK(attn_int8_sm90(p, static_cast<int>(BH), fp16, kAttnSm90Variant,
                                 c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -166,6 +166,12 @@ def _quant_v_kernel(
     h = (bh % H).to(tl.int64)
     t = blk * BT + tl.arange(0, BT)
     d = tl.arange(0, D)
+    if SM90:
+        # output position t holds key t - t%16 + SM90_KEY_ORDER[t%16]: gather the keys on
+        # load (whole rows, coalesced) so that the stores below stay contiguous
+        a = (t % 16) // 4
+        e = t % 4
+        t = t - t % 16 + tl.where(e < 2, 2 * a + e, 2 * a + 6 + e)
     m = t < L
     v = tl.load(V + b * svb + h * svh + t[:, None] * svl + d[None, :], mask=m[:, None], other=0.0)
     mu = tl.load(MEAN + bh * D + d)
@@ -177,15 +183,14 @@ def _quant_v_kernel(
         xq = x.to(tl.float8e4nv)
     base = OUT + bh.to(tl.int64) * D * L_pad
     if SM90:
-        tt = t % 128
-        kk = tt % 16
-        # position of key kk (of 16) in the tensor cores' A-operand order: 4a+e holds key
-        # 2a+e for e < 2 and key 2a+6+e otherwise
-        pos = tl.where(kk < 8, 4 * (kk // 2) + kk % 2, 4 * ((kk - 8) // 2) + 2 + kk % 2)
-        kpos = tt - kk + pos
-        chunk = (kpos // 16)[None, :] ^ (d % 8)[:, None]
-        off = (t // 128)[None, :] * (D * 128) + d[:, None] * 128 + chunk * 16 + (kpos % 16)[None, :]
-        tl.store(base + off, tl.trans(xq))
+        # [D, BT/16, 16] of this 128-key block: chunk c of channel row d at chunk c ^ (d % 8),
+        # each 16-byte chunk one contiguous store
+        p0 = blk * BT
+        c = (p0 % 128) // 16 + tl.arange(0, BT // 16)
+        j = tl.arange(0, 16)
+        off = (p0 // 128) * (D * 128) + (d * 128)[:, None, None]
+        off = off + ((c[None, :] ^ (d % 8)[:, None]) * 16)[:, :, None] + j[None, None, :]
+        tl.store(base + off, tl.reshape(tl.trans(xq), [D, BT // 16, 16]))
     else:
         tl.store(base + d[:, None] * L_pad + t[None, :], tl.trans(xq))
 

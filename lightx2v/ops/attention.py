@@ -266,8 +266,8 @@ _LOADERS: dict[str, Callable[[], AttentionFn]] = {
     "fa4": _load_fa4,
 }
 # "auto" tries these, fastest first by expectation; the self-check times them anyway.
-# (lx2v-int8-int8-ws joins them once it has passed on a GPU)
 AUTO_CANDIDATES = (
+    "lx2v-int8-int8-ws",
     "lx2v-int8-int8",
     "lx2v-int8-fp8",
     "lx2v-int8",
