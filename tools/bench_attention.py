@@ -67,7 +67,8 @@ def make_qkv(B, S, H, seed, k_offset=0.0):
 
 
 def backends() -> dict[str, object]:
-    names = ["sdpa", "lx2v-int8", "lx2v-int8-fp8", "lx2v-int8-int8", "sage", "flash", "fa4"]
+    names = ["sdpa", "lx2v-int8", "lx2v-int8-fp8", "lx2v-int8-int8", "lx2v-int8-int8-ws"]
+    names += ["sage", "flash", "fa4"]
     found = {}
     for n in names:
         if A._try_load(n):
@@ -266,23 +267,23 @@ def main():
     print(f"\n{meta['card']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}")
     print("TFLOP/s (4·S²·D·H·B / time, quantisation included)")
     cols = [f"S={S} B={B}" for S, B in shapes]
-    print(f"{'backend':<15}" + "".join(f"{c:>16}" for c in cols))
+    print(f"{'backend':<18}" + "".join(f"{c:>16}" for c in cols))
     for name in fns:
         cells = []
         for S, B in shapes:
             r = next(x for x in speed if x["backend"] == name and x["S"] == S and x["B"] == B)
             cells.append(f"{r['tflops']:16.0f}" if "tflops" in r else f"{'error':>16}")
-        print(f"{name:<15}" + "".join(cells))
+        print(f"{name:<18}" + "".join(cells))
     if acc:
         print("\naccuracy vs fp32 exact (rel-L2 / cosine), first 2048 query rows, H=4")
         for S, rs in acc.items():
             for key, r in rs.items():
                 if "error" in r:
-                    print(f"S={S:<6} {key:<24} error {r['error'][:60]}")
+                    print(f"S={S:<6} {key:<27} error {r['error'][:60]}")
                 else:
                     ok = r["rel_l2"] <= A.GATE_REL_L2 and r["cosine"] >= A.GATE_COSINE
                     ok = ok and not r["nan"]
-                    print(f"S={S:<6} {key:<24} {r['rel_l2']:.2e} / {r['cosine']:.6f}"
+                    print(f"S={S:<6} {key:<27} {r['rel_l2']:.2e} / {r['cosine']:.6f}"
                           f"{'' if ok else '  FAILS GATE'}")  # fmt: skip
 
 
