@@ -412,8 +412,12 @@ def self_check(fn: AttentionFn, device: str | torch.device = "cuda") -> tuple[bo
 # per call (~0.4 ms) was shorter than the 8-bit kernels' host-side launch work, so the timing
 # ranked host overhead: on an H200 with flash-attn-4 installed auto chose fa4 (0.39 ms
 # against 1.06 for lx2v-int8-int8), which is 10–16% slower than lx2v-int8-int8 at the
-# model's shapes (docs/BENCHMARKS.md).
-AUTO_TIMING_SHAPE = (1, 32760, 16, 128)
+# model's shapes (docs/BENCHMARKS.md). 20 heads rather than 16: the CUDA kernel runs one
+# 128-row CTA per multiprocessor, and 16 heads make 4 096 CTAs, 31.03 waves on 132 SMs, whose
+# last, nearly empty wave cost it ~3% there (it timed 1.4% slower than lx2v-int8-int8 at 16
+# heads and 2-5% faster at the model's 40 heads, batch 1 and 2, H200); 20 heads (38.8 waves)
+# have a last wave as full as the 480P model's (77.6 waves at batch 1, 155.2 at 2).
+AUTO_TIMING_SHAPE = (1, 32760, 20, 128)
 
 
 def _time_ms(fn: AttentionFn, device: str | torch.device) -> float:
