@@ -164,8 +164,15 @@ def attention_lx2v_int8_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return _attention_int8_op(q, k, v, "int8")
 
 
+# Below this many keys lx2v-int8-int8-ws runs the Triton kernel (same arithmetic): the CUDA
+# kernel holds one 128-row CTA per multiprocessor, and with a few key blocks (the DiT's
+# cross-attention to 512 text and 257 image tokens) its per-CTA start-up is not hidden, where
+# the Triton kernel runs three programs per multiprocessor (docs/BENCHMARKS.md).
+WS_MIN_LK = 16384
+
+
 def attention_lx2v_int8_int8_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _attention_int8_op(q, k, v, "int8-ws")
+    return _attention_int8_op(q, k, v, "int8-ws" if k.shape[1] >= WS_MIN_LK else "int8")
 
 
 def _load_lx2v_ws() -> AttentionFn:
