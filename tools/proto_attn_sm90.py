@@ -134,13 +134,14 @@ def speed_row(ext, S, B, stages, seconds, g):
     flop = 4 * S * S * 128 * H * B
     ops = operands(q, k, v)
     pre = timed(lambda: ka.quantize_qkv(q, k, v, 64, 128, "int8", layout="sm90"), 1.0)
+    pre0 = timed(lambda: ka.quantize_qkv(q, k, v, 64, 128, "int8"), 1.0)
     full = timed(lambda: ka.attention_int8(q, k, v, pv="int8"), seconds)
     tri = timed(lambda: triton_main(q, k, v, ops[0]), seconds)
     res = {st: timed(lambda st=st: run_sm90(ext, q, k, v, ops, st), seconds) for st in stages}
     full2 = timed(lambda: ka.attention_int8(q, k, v, pv="int8"), seconds)
     best = min(res.values())
     print(
-        f"S={S} B={B}: prepass {pre:.3f} ms; triton full {full:.3f}/{full2:.3f} ms "
+        f"S={S} B={B}: prepass {pre:.3f} ms (plain layout {pre0:.3f}); triton full {full:.3f}/{full2:.3f} ms "
         f"({flop / full / 1e9:.0f}/{flop / full2 / 1e9:.0f} TFLOP/s), triton main {tri:.3f} "
         f"({flop / tri / 1e9:.0f}); sm90 main "
         + ", ".join(f"st{st} {t:.3f} ({flop / t / 1e9:.0f})" for st, t in res.items())
