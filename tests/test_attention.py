@@ -130,6 +130,17 @@ def test_registry_on_cpu():
         A.set_attention_backend(prev)
 
 
+def test_ws_backend_runs_short_keys_on_the_triton_kernel(monkeypatch):
+    """lx2v-int8-int8-ws sends key lengths below WS_MIN_LK (the cross-attention's 257 and 512
+    tokens) to the Triton INT8 kernel and longer ones to the CUDA kernel."""
+    calls = []
+    monkeypatch.setattr(A, "_attention_int8_op", lambda q, k, v, pv: calls.append(pv))
+    q = torch.zeros(1, 8, 1, 128)
+    for lk in (257, 512, A.WS_MIN_LK - 1, A.WS_MIN_LK, 32760):
+        A.attention_lx2v_int8_int8_ws(q, torch.zeros(1, lk, 1, 128), torch.zeros(1, lk, 1, 128))
+    assert calls == ["int8", "int8", "int8", "int8-ws", "int8-ws"]
+
+
 def test_backend_limitation():
     assert A.backend_limitation("lx2v-int8-int8", 128, torch.bfloat16) is None
     assert "head dim 128" in A.backend_limitation("lx2v-int8", 32, torch.bfloat16)
