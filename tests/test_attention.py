@@ -241,6 +241,183 @@ def test_fa4_goes_through_a_custom_op_that_compiles(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# flashinfer-fp8: the wrapper's quantisation and calls, against a stand-in flashinfer whose
+# single_prefill_with_kv_cache dequantises its e4m3 inputs with the per-head scales it is
+# given (x = code · scale, as flashinfer's FA3 FP8 kernel does) and attends exactly in fp32.
+
+
+def _stand_in_flashinfer(monkeypatch):
+    """Install a stand-in `flashinfer.prefill`; returns the list its calls are recorded in."""
+    import sys
+    import types
+
+    calls = []
+
+    def single_prefill_with_kv_cache(
+        q, k, v, scale_q=None, scale_k=None, scale_v=None, o_dtype=None, causal=False,
+        kv_layout="NHD", sm_scale=None, backend="auto", **rest,
+    ):  # fmt: skip
+        deq = [x.float() * s.float()[None, :, None] for x, s in ((q, scale_q), (k, scale_k),
+                                                                  (v, scale_v))]  # fmt: skip
+        p = (torch.einsum("qhd,khd->hqk", deq[0], deq[1]) * sm_scale).softmax(-1)
+        out = torch.einsum("hqk,khd->qhd", p, deq[2]).to(o_dtype)
+        calls.append(dict(q=q, k=k, v=v, sq=scale_q, sk=scale_k, sv=scale_v, o_dtype=o_dtype,
+                          causal=causal, kv_layout=kv_layout, sm_scale=sm_scale, backend=backend,
+                          rest=rest, out=out))  # fmt: skip
+        return out
+
+    prefill = types.ModuleType("flashinfer.prefill")
+    prefill.single_prefill_with_kv_cache = single_prefill_with_kv_cache
+    pkg = types.ModuleType("flashinfer")
+    pkg.prefill = prefill
+    monkeypatch.setitem(sys.modules, "flashinfer", pkg)
+    monkeypatch.setitem(sys.modules, "flashinfer.prefill", prefill)
+    return calls
+
+
+def _fp8_inputs(B, Lq, Lk, H, D):
+    """bf16 q, k, v whose heads differ in magnitude by 10× (one scale per tensor, or scales
+    swapped between heads or batch elements, would show) and k with a per-channel offset."""
+    mag = (10.0 ** torch.arange(H) / 10).view(1, 1, H, 1)
+    q = (rnd(B, Lq, H, D, seed=21) * mag).bfloat16()
+    k = (rnd(B, Lk, H, D, seed=22, offset=8.0) * mag.flip(2)).bfloat16()
+    v = (rnd(B, Lk, H, D, seed=23) * mag * torch.arange(1, B + 1).view(B, 1, 1, 1)).bfloat16()
+    return q, k, v
+
+
+def _check_codes(codes, scale, x):
+    """e4m3 codes [L, H, D] · per-head scale [H] reproduce x [L, H, D] to half an e4m3 step,
+    and the scale is amax/448 rounded up by at most one bf16 step (the multiplier 448/amax
+    rounded down), so that no code needed more than 448."""
+    assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert scale.shape == (x.shape[1],)
+    xf = x.float()
+    amax = xf.abs().amax(dim=(0, 2))
+    assert (scale >= amax / 448).all() and (scale <= amax / 448 * (1 + 2**-7)).all()
+    c = codes.float()
+    assert torch.isfinite(c).all() and c.abs().max() <= 448
+    err = (c * scale[None, :, None] - xf).abs()
+    assert (err <= xf.abs() * 2**-4 + scale[None, :, None] * 2**-9 * 1.001).all()
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_flashinfer_fp8_wrapper(monkeypatch, B):
+    calls = _stand_in_flashinfer(monkeypatch)
+    Lq, Lk, H, D = 77, 130, 3, 64
+    q, k, v = _fp8_inputs(B, Lq, Lk, H, D)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    out = A._flashinfer_fp8_op(q, k, v)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+    assert out.shape == (B, Lq, H, D) and out.dtype == torch.bfloat16 and out.is_contiguous()
+
+    assert len(calls) == B  # one single-request prefill per batch element, in order
+    kc = k - k.mean(dim=1, keepdim=True)  # k smoothed as the wrapper does it
+    for b, c in enumerate(calls):
+        assert c["backend"] == "fa3" and c["kv_layout"] == "NHD" and c["causal"] is False
+        assert c["o_dtype"] == torch.bfloat16 and c["sm_scale"] == pytest.approx(D**-0.5)
+        assert c["q"].shape == (Lq, H, D) and c["k"].shape == c["v"].shape == (Lk, H, D)
+        _check_codes(c["q"], c["sq"], q[b])
+        _check_codes(c["k"], c["sk"], kc[b])
+        _check_codes(c["v"], c["sv"], v[b])
+        assert torch.equal(out[b], c["out"])
+
+    # FP8 q, k, v with per-head scales: ≈4-5% from exact on such inputs (P is not rounded
+    # by the stand-in); a scale off by a factor, or k not smoothed (≈20%), is far outside
+    ref = A.attention_ref(q.float(), k.float(), v.float())
+    assert A.rel_l2(out, ref) < 0.07 and A.cosine(out, ref) > 0.997
+
+
+def test_fp8_per_head_edge_cases():
+    x = rnd(2, 50, 3, 16, seed=24)
+    x[0, :, 1] = 0.0  # an all-zero head: finite scale, zero codes
+    x[1, :, 2] *= 1e4  # a head far above 448
+    x[1, :, 0] *= 1e-4  # and one far below
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        xd = x.to(dt)
+        codes, scale = A._fp8_per_head(xd)
+        assert scale.shape == (2, 3) and torch.isfinite(scale).all() and (scale > 0).all()
+        assert not codes[0, :, 1].float().any()
+        for b in range(2):
+            live = [h for h in range(3) if (b, h) != (0, 1)]
+            c, s, xb = codes[b][:, live], scale[b][live], xd[b][:, live]
+            if dt == torch.float16 and b == 1:  # fp16 caps the multiplier at 65504: coarser
+                s = s[1:]  # codes for the tiny head; the other two are checked as usual
+                c, xb = c[:, 1:], xb[:, 1:]
+            _check_codes(c, s, xb)
+
+
+def _flashinfer_loader_env(monkeypatch, capability=(9, 0)):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(A, "_unavailable", {})
+    monkeypatch.setattr(A, "_BACKENDS", dict(A._BACKENDS))
+
+
+def test_flashinfer_fp8_missing_is_a_clean_unavailable_entry(monkeypatch):
+    import sys
+
+    _flashinfer_loader_env(monkeypatch)
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # import flashinfer → ImportError
+    monkeypatch.setitem(sys.modules, "flashinfer.prefill", None)
+    assert not A._try_load("flashinfer-fp8")
+    why = A._unavailable["flashinfer-fp8"]
+    assert why.startswith("ImportError: flashinfer-python is not installed"), why
+    with pytest.raises(LX2VError, match="'flashinfer-fp8' is not available.*not installed"):
+        A.set_attention_backend("flashinfer-fp8")
+
+
+def test_flashinfer_fp8_needs_hopper(monkeypatch):
+    _stand_in_flashinfer(monkeypatch)
+    _flashinfer_loader_env(monkeypatch, capability=(10, 0))
+    assert not A._try_load("flashinfer-fp8")
+    assert "compute capability 9.x, not 10.0" in A._unavailable["flashinfer-fp8"]
+
+
+def test_flashinfer_fp8_loads_and_goes_through_auto_self_check(monkeypatch):
+    """With flashinfer present on a Hopper GPU the backend loads, is named in the CLI's
+    choices, and "auto" runs the same self-check on it as on the others (here on the CPU, with
+    the stand-in kernel: its FP8 q and k alone fail the 3% gate on random inputs)."""
+    calls = _stand_in_flashinfer(monkeypatch)
+    _flashinfer_loader_env(monkeypatch)
+    assert "flashinfer-fp8" in A.ATTENTION_CHOICES
+    assert A.AUTO_CANDIDATES.index("flashinfer-fp8") == 1 + A.AUTO_CANDIDATES.index(
+        "lx2v-int8-int8"
+    )
+
+    def unavailable():
+        raise ImportError("not here")
+
+    loaders = {n: unavailable for n in A._LOADERS}
+    loaders["flashinfer-fp8"] = A._LOADERS["flashinfer-fp8"]
+    monkeypatch.setattr(A, "_LOADERS", loaders)
+    monkeypatch.setattr(A, "_auto_report", {})
+    real_check, checked = A.self_check, []
+
+    def self_check_on_cpu(fn, device="cuda"):
+        checked.append(fn)
+        return real_check(fn, "cpu")
+
+    monkeypatch.setattr(A, "self_check", self_check_on_cpu)
+    monkeypatch.setattr(A, "_time_ms", lambda fn, device: 1.0)
+    assert A.auto_attention_backend() == "sdpa"
+    report = A.auto_attention_report()["checks"]
+    assert report["flashinfer-fp8"].startswith("rejected: rel-L2 "), report
+    assert report["sdpa"].startswith("passed"), report
+    assert A._BACKENDS["flashinfer-fp8"] in checked and len(calls) == 2 + 1 + 1  # B = 2, 1, 1
+
+
+def test_flashinfer_fp8_custom_op_compiles(monkeypatch):
+    """Like fa4: a fullgraph compile keeps the op opaque (dynamo never sees flashinfer)."""
+    calls = _stand_in_flashinfer(monkeypatch)
+    q, k, v = _fp8_inputs(2, 33, 40, 2, 64)
+    eager = A._flashinfer_fp8_op(q, k, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: A._flashinfer_fp8_op(q, k, v) * 2, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), 2 * eager) and len(calls) == 4
+    torch.library.opcheck(torch.ops.lightx2v.flashinfer_fp8_attention, (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------
 # the 8-bit kernels' pre-pass (statistics and quantisation), run by Triton's interpreter on
 # CPU tensors. The interpreter must be on before triton is imported: tests/test_ops.py's
 # test_triton_kernels_under_interpreter runs these (`-k interpreted`) in a child pytest

@@ -68,7 +68,7 @@ def make_qkv(B, S, H, seed, k_offset=0.0):
 
 def backends() -> dict[str, object]:
     names = ["sdpa", "lx2v-int8", "lx2v-int8-fp8", "lx2v-int8-int8", "lx2v-int8-int8-ws"]
-    names += ["sage", "flash", "fa4"]
+    names += ["sage", "flash", "fa4", "flashinfer-fp8"]
     found = {}
     for n in names:
         if A._try_load(n):

@@ -18,8 +18,18 @@ with `set_attention_backend`:
   the gate; faster than bf16 P·V).
 - "lx2v-int8-int8-ws": the same arithmetic as "lx2v-int8-int8" in a warp-specialised CUDA
   kernel (csrc/attn_int8_sm90.cu, lightx2v._C_sm90; H100/H200): a producer warpgroup streams
-  K and V, two consumer warpgroups of 64 rows share them.
-- "sage": sageattention (PyPI) when installed; "flash": flash-attn when installed.
+  K and V, two consumer warpgroups of 64 rows share them. Below WS_MIN_LK keys it runs the
+  Triton kernel.
+- "sage": sageattention (PyPI) when installed; "flash": flash-attn when installed;
+  "fa4": flash-attn-4 (PyPI) when installed, bf16.
+- "flashinfer-fp8": flashinfer-python's FP8 prefill (its FA3 kernel, Hopper only) when
+  installed: k smoothed (its per-channel mean over tokens subtracted, as our kernels do), then
+  q, k, v to FP8 e4m3 with one scale per batch element and head (amax/448), in the wrapper
+  and so in its timings; one kernel call per batch element. Measured on an H200 (flashinfer
+  0.7.2.post1): 5.3-5.6% rel-L2 against fp32 (cosine 0.9985), over the 3% gate, so "auto"
+  rejects it; 759 TFLOP/s with its quantisation at S = 32760 (the kernel alone 865). The
+  kernel is JIT-compiled by flashinfer at first use (minutes) unless its module is prebuilt
+  (tools/flashinfer_check.sh).
 - "auto": the fastest of those that pass a one-time self-check on this GPU (accuracy
   against `attention_ref` on random and offset-k inputs, odd lengths; then a timing).
 
@@ -261,6 +271,70 @@ def _load_fa4() -> AttentionFn:
     return attention_fa4
 
 
+FP8_E4M3_MAX = 448.0
+
+
+def _fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] → (e4m3 codes [B, L, H, D], scales [B, H] fp32), x ≈ codes · scale with
+    one scale per batch element and head: amax/448.
+
+    The multiplier 448/amax is rounded down to x's dtype and the product taken in that dtype
+    (no fp32 copy of the activations): rounded down, no product exceeds 448, the largest e4m3
+    value (a larger one would not survive the cast). The scale returned is the reciprocal of
+    the multiplier used, so codes · scale undoes exactly the scaling that was applied."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=(1, 3)).float()  # [B, H]
+    mult = (FP8_E4M3_MAX / amax.clamp_min(1e-30)).clamp_max(torch.finfo(x.dtype).max)
+    m = mult.to(x.dtype)
+    m = torch.where(m.float() > mult, torch.nextafter(m, torch.zeros_like(m)), m)
+    codes = (x * m[:, None, :, None]).to(torch.float8_e4m3fn)
+    return codes, m.float().reciprocal()
+
+
+@torch.library.custom_op("lightx2v::flashinfer_fp8_attention", mutates_args=())
+def _flashinfer_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flashinfer.prefill import single_prefill_with_kv_cache
+
+    k = k - k.mean(dim=1, keepdim=True)  # a copy: softmax is unchanged by the shift
+    (q8, sq), (k8, sk), (v8, sv) = (_fp8_per_head(x) for x in (q, k, v))
+    kw = dict(o_dtype=q.dtype, causal=False, kv_layout="NHD", sm_scale=q.shape[-1] ** -0.5)
+    outs = [
+        single_prefill_with_kv_cache(
+            q8[b], k8[b], v8[b], scale_q=sq[b], scale_k=sk[b], scale_v=sv[b], backend="fa3", **kw
+        )
+        for b in range(q.shape[0])
+    ]
+    out = outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+    return out.contiguous()  # the fake kernel promises a contiguous [B, Lq, H, D]
+
+
+@_flashinfer_fp8_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)  # contiguous
+
+
+def _load_flashinfer_fp8() -> AttentionFn:
+    """flashinfer-python's single-request FP8 prefill with its FA3 backend (sm_90a kernels:
+    compute capability 9.x), [L, H, D] e4m3 q, k, v with per-head scales, bf16/fp16 out.
+    Called through a custom op, as fa4 is, so that dynamo does not trace flashinfer's
+    launcher and a compiled block keeps one graph."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("needs a CUDA GPU")
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        raise RuntimeError(
+            f"flashinfer's FP8 prefill (FA3) runs on compute capability 9.x, not {major}.{minor}"
+        )
+    try:
+        import flashinfer.prefill  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"flashinfer-python is not installed ({e})") from e
+
+    def attention_flashinfer_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _flashinfer_fp8_op(q, k, v)
+
+    return attention_flashinfer_fp8
+
+
 _BACKENDS: dict[str, AttentionFn] = {"sdpa": attention_sdpa, "ref": attention_ref}
 # Optional backends, loaded on first request; the loader raises with the reason if missing.
 _LOADERS: dict[str, Callable[[], AttentionFn]] = {
@@ -271,11 +345,13 @@ _LOADERS: dict[str, Callable[[], AttentionFn]] = {
     "sage": _load_sage,
     "flash": _load_flash,
     "fa4": _load_fa4,
+    "flashinfer-fp8": _load_flashinfer_fp8,
 }
 # "auto" tries these, fastest first by expectation; the self-check times them anyway.
 AUTO_CANDIDATES = (
     "lx2v-int8-int8-ws",
     "lx2v-int8-int8",
+    "flashinfer-fp8",
     "lx2v-int8-fp8",
     "lx2v-int8",
     "fa4",
@@ -293,6 +369,7 @@ ATTENTION_CHOICES = (
     "sage",
     "flash",
     "fa4",
+    "flashinfer-fp8",
 )
 _active: list[str] = ["sdpa"]
 _auto_chosen: list[bool] = [False]  # the active backend is "auto"'s choice, not the user's
@@ -346,12 +423,20 @@ def set_attention_backend(name: str) -> None:
 
 def backend_limitation(name: str, head_dim: int, dtype: torch.dtype) -> str | None:
     """Why backend `name` cannot run attention with this head dim and dtype, or None. Our
-    kernels (the lx2v backends) are written for Wan's head dim, 128, in bf16 or fp16."""
+    kernels (the lx2v backends) are written for Wan's head dim, 128, in bf16 or fp16;
+    flashinfer's FP8 prefill (FA3) has kernels for head dims 64, 128 and 256."""
     if name.startswith("lx2v-"):
-        if head_dim != 128:
-            return f"takes head dim 128, and this model's heads are {head_dim} wide"
-        if dtype not in (torch.bfloat16, torch.float16):
-            return f"takes bf16 or fp16 activations, not {str(dtype).replace('torch.', '')}"
+        dims: tuple[int, ...] = (128,)
+    elif name == "flashinfer-fp8":
+        dims = (64, 128, 256)
+    else:
+        return None
+    if head_dim not in dims:
+        *rest, last = map(str, dims)
+        want = f"{', '.join(rest)} or {last}" if rest else last
+        return f"takes head dim {want}, and this model's heads are {head_dim} wide"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"takes bf16 or fp16 activations, not {str(dtype).replace('torch.', '')}"
     return None
 
 
