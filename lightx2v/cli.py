@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--attention",
-        help="attention backend: sdpa (default), lx2v-int8-int8 (our 8-bit kernel: INT8 Q·Kᵀ and P·V), lx2v-int8-int8-ws (the same in a warp-specialised CUDA kernel), lx2v-int8 (bf16 P·V), lx2v-int8-fp8, fa4 (flash-attn-4), sage, flash, auto (fastest that passes a self-check); `lx2v info` lists them",
+        help="attention backend: sdpa (default), lx2v-int8-int8 (our 8-bit kernel: INT8 Q·Kᵀ and P·V), lx2v-int8-int8-ws (the same in a warp-specialised CUDA kernel), lx2v-int8 (bf16 P·V), lx2v-int8-fp8, fa4 (flash-attn-4), sage, flash, flashinfer-fp8, auto (fastest that passes a self-check); `lx2v info` lists them",
     )
     r.add_argument(
         "--attention-exact-steps",
