@@ -561,9 +561,8 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 #define LX2V_ATTN_VARIANTS X(32) X(4032) X(10032) X(14032) X(10042) X(10031) X(932) X(10932)
 #endif
 #else
-#define LX2V_ATTN_VARIANTS X(10031)
+#define LX2V_ATTN_VARIANTS X(kAttnSm90Variant)
 #endif
-static_assert(kAttnSm90Variant == 10031, "LX2V_ATTN_VARIANTS builds the library's variant");
 cudaError_t attn_int8_sm90(const AttnInt8Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream) {
   using namespace attn_sm90;

@@ -373,37 +373,45 @@ def test_flashinfer_fp8_needs_hopper(monkeypatch):
     assert "compute capability 9.x, not 10.0" in A._unavailable["flashinfer-fp8"]
 
 
-def test_flashinfer_fp8_loads_and_goes_through_auto_self_check(monkeypatch):
-    """With flashinfer present on a Hopper GPU the backend loads, is named in the CLI's
-    choices, and "auto" runs the same self-check on it as on the others (here on the CPU, with
-    the stand-in kernel: its FP8 q and k alone fail the 3% gate on random inputs)."""
+def test_flashinfer_fp8_loads_and_fails_the_self_check(monkeypatch):
+    """With flashinfer present on a Hopper GPU the backend loads and is named in the CLI's
+    choices; the self-check rejects it (here on the CPU, with the stand-in kernel: its FP8 q
+    and k alone fail the 3% gate on random inputs), as it did on an H200, so it is not one of
+    "auto"'s candidates."""
     calls = _stand_in_flashinfer(monkeypatch)
     _flashinfer_loader_env(monkeypatch)
     assert "flashinfer-fp8" in A.ATTENTION_CHOICES
-    assert A.AUTO_CANDIDATES.index("flashinfer-fp8") == 1 + A.AUTO_CANDIDATES.index(
-        "lx2v-int8-int8"
-    )
+    assert "flashinfer-fp8" not in A.AUTO_CANDIDATES
+    assert A._try_load("flashinfer-fp8"), A._unavailable
+    ok, msg = A.self_check(A._BACKENDS["flashinfer-fp8"], "cpu")
+    assert not ok and msg.startswith("rel-L2 "), msg
+    assert len(calls) == 2 + 1 + 1 + 1  # one call per batch element of each case
 
-    def unavailable():
-        raise ImportError("not here")
 
-    loaders = {n: unavailable for n in A._LOADERS}
-    loaders["flashinfer-fp8"] = A._LOADERS["flashinfer-fp8"]
-    monkeypatch.setattr(A, "_LOADERS", loaders)
-    monkeypatch.setattr(A, "_auto_report", {})
-    real_check, checked = A.self_check, []
+def test_flashinfer_fp8_without_its_module_or_nvcc_is_one_clear_reason(monkeypatch):
+    """flashinfer installed but its FP8 prefill module neither prebuilt nor built, and no
+    nvcc: unavailable with one line, not a JIT traceback at the first forward."""
+    import os
+    import shutil
+    import sys
+    import types
 
-    def self_check_on_cpu(fn, device="cuda"):
-        checked.append(fn)
-        return real_check(fn, "cpu")
-
-    monkeypatch.setattr(A, "self_check", self_check_on_cpu)
-    monkeypatch.setattr(A, "_time_ms", lambda fn, device: 1.0)
-    assert A.auto_attention_backend() == "sdpa"
-    report = A.auto_attention_report()["checks"]
-    assert report["flashinfer-fp8"].startswith("rejected: rel-L2 "), report
-    assert report["sdpa"].startswith("passed"), report
-    assert A._BACKENDS["flashinfer-fp8"] in checked and len(calls) == 2 + 1 + 1  # B = 2, 1, 1
+    _stand_in_flashinfer(monkeypatch)
+    _flashinfer_loader_env(monkeypatch)
+    spec = types.SimpleNamespace(is_aot=False, jit_library_path=types.SimpleNamespace(
+        exists=lambda: False))  # fmt: skip
+    jit = types.ModuleType("flashinfer.jit")
+    jit.gen_single_prefill_module = lambda *a: spec
+    monkeypatch.setitem(sys.modules, "flashinfer.jit", jit)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent-cuda")
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if "nvcc" in str(p) else real_exists(p))
+    assert not A._try_load("flashinfer-fp8")
+    assert "neither prebuilt nor built, and there is no nvcc" in A._unavailable["flashinfer-fp8"]
+    monkeypatch.setattr(spec, "is_aot", True)  # prebuilt (tools/flashinfer_bundle.sh): loads
+    monkeypatch.setattr(A, "_unavailable", {})
+    assert A._try_load("flashinfer-fp8"), A._unavailable
 
 
 def test_flashinfer_fp8_custom_op_compiles(monkeypatch):

@@ -26,22 +26,36 @@ DEV = "cuda"
 try:  # the warp-specialised CUDA kernel (lightx2v._C_sm90) where it is built
     A._LOADERS["lx2v-int8-int8-ws"]()
     WS = None
+    WS_BROKEN = None
 except (ImportError, RuntimeError) as e:
-    # an H100/H200 with lightx2v._C_sm90 built must have it: fail rather than skip
     import importlib.util
 
-    if torch.cuda.get_device_capability() == (9, 0) and importlib.util.find_spec(
-        "lightx2v._C_sm90"
-    ):
-        raise RuntimeError(
-            f"lightx2v._C_sm90 is built but lx2v-int8-int8-ws does not load: {e}"
-        ) from e
     WS = f"lx2v-int8-int8-ws unavailable: {e}"
+    # an H100/H200 with lightx2v._C_sm90 built must have it: its tests fail rather than skip
+    # (the Triton kernels' tests still run)
+    WS_BROKEN = (
+        f"lightx2v._C_sm90 is built but lx2v-int8-int8-ws does not load: {e}"
+        if torch.cuda.get_device_capability() == (9, 0)
+        and importlib.util.find_spec("lightx2v._C_sm90")
+        else None
+    )
+
+
+# skip the CUDA kernel's cases only where it is not built (where it is built and does not
+# load they run, and fail)
+WS_SKIP = pytest.mark.skipif(WS is not None and not WS_BROKEN, reason=str(WS))
+
+
+def test_ws_loads_where_built():
+    if WS_BROKEN:
+        pytest.fail(WS_BROKEN)
+
+
 PVS = [
     "bf16",
     "fp8",
     "int8",
-    pytest.param("int8-ws", marks=pytest.mark.skipif(WS is not None, reason=str(WS))),
+    pytest.param("int8-ws", marks=WS_SKIP),
 ]
 
 
@@ -143,7 +157,7 @@ def test_int8_pv_large_logits(scale, pv):
         ("fp8", False),
         ("int8", True),
         # the CUDA kernel has one accumulation scheme (two-level) and takes no choice
-        pytest.param("int8-ws", None, marks=pytest.mark.skipif(WS is not None, reason=str(WS))),
+        pytest.param("int8-ws", None, marks=WS_SKIP),
     ],
     ids=["bf16pv", "fp8pv", "fp8pv-1lvl", "int8pv", "int8pv-ws"],
 )
@@ -181,9 +195,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.lx2v_C.attn_int8_sm90, args)
 
 
-def test_fullgraph_compile_equals_eager():
+def test_fullgraph_compile_equals_eager(monkeypatch):
     q, k, v = qkv(2, 500, 500, 2, seed=6)
     w = torch.randn(128, 128, device=DEV).bfloat16()
+    monkeypatch.setattr(A, "WS_MIN_LK", 0)  # the CUDA kernel itself at this short length
 
     fns = (A.attention_lx2v_int8, A.attention_lx2v_int8_int8)
     for fn in fns + (() if WS else (A.attention_lx2v_int8_int8_ws,)):
@@ -229,7 +244,7 @@ def test_fa4_backend_eager_and_compiled(shape):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(WS is not None, reason=str(WS))
+@WS_SKIP
 def test_ws_kernel_equals_triton_kernel():
     """The CUDA kernel against the Triton one, which does the same arithmetic: they differ
     only in the order of the row sums (fp32), at odd lengths, cross-attention and batch 2,

@@ -30,7 +30,7 @@ def main() -> None:
     q = torch.randn(1, args.lq, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
     print(f"Lq = {args.lq}, H = {H}: ms (TFLOP/s), pre-pass included")
     print(f"{'Lk':>6} {'triton':>16} {'cuda':>16}")
-    for lk in (257, 512, 769, 1024, 2048, 4096, 8192, 32760):
+    for lk in (257, 512, 769, 1024, 2048, 4096, 8192, 12288, 16384, 24576, 32760):
         k, v = (
             torch.randn(1, lk, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
             for _ in range(2)

@@ -116,7 +116,8 @@ tar -C "$WORK/trim" -cf - . | xz -9 -T0 >"$DEST/flashinfer.tar.xz"
 
 DEST=$(realpath "$DEST")
 if [[ "$DEST" == "$ROOT"/* ]]; then  # kept out of git (and carried to the GPU machine by name)
-    EXCLUDE="$ROOT/.git/info/exclude"
+    EXCLUDE=$(git -C "$ROOT" rev-parse --path-format=absolute --git-path info/exclude)  # a worktree's .git is a file
+    mkdir -p "$(dirname "$EXCLUDE")"
     grep -qxF "${DEST#"$ROOT"}/" "$EXCLUDE" || echo "${DEST#"$ROOT"}/" >>"$EXCLUDE"
 fi
 echo "# $DEST:"
