@@ -31,17 +31,15 @@
 // 2t+9 (+16) of each 32 (t = lane mod 4); as an A operand it must hold positions
 // 4t..4t+3 (+16). Position 4t+e holds key 2t+e for e < 2 and key 2t+6+e otherwise.
 
-// Status (2026-11-28, H200, tools/proto_attn_sm90.py; docs/BENCHMARKS.md on main, "A
-// warp-specialised CUDA kernel (prototype)"): correct (≤ 4.4e-4 from the Triton kernel);
-// the best variant (3 stages, turn passed on completion: 32) runs the main kernel at
-// 730-743 TFLOP/s against the Triton kernel's 756-766. Without the softmax it runs at 1326,
-// without the int32 → fp32 accumulation at 1021. A timeline (variant 932) shows ~1 300 of
-// ~2 900 cycles per key block in the softmax, where ptxas issues the 64 MUFU.EX2 back to
-// back. Variant 4032 chains the exponentials in groups of 4 (longest MUFU run 3 in the SASS
-// instead of 61). Variant 10032 adds each block's product into the accumulator during the
-// next block's softmax: in its SASS the 128 FFMAs of that addition sit 7 to a gap between
-// the first 26 exponentials, and the loop's critical path loses the ~450 cycles the
-// timeline measured for the addition. Neither has run on a GPU yet.
+// Status (2026-11-28, H200, tools/proto_attn_sm90.py; docs/BENCHMARKS.md, "The CUDA kernel
+// lands"): correct (≤ 4.4e-4 from the Triton kernel). The library's variant 10031 (3 stages,
+// turn passed on issue, each block's P·V product added into fp32 during the next block's
+// softmax) runs the main kernel at 789-802 TFLOP/s against the Triton kernel's 753-758;
+// 750-787 with the pre-pass, against 730-746. Its timeline (10932): 2 623 cycles per key
+// block, 1 316 of them in the softmax. Prepared, not yet run on a GPU: 210031 / 410031 /
+// 810031 compute every 2nd / 4th / 8th exponential on the FMA pipe (ex2_poly); in the SASS
+// the main loop grows from 703 instructions to 934 / 816 / 765 and the longest run of
+// back-to-back MUFU.EX2 drops from 41 to 1 / 26 / 22, with no spills in the loop.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -152,6 +150,21 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// exp2(x) for x ≤ 0 on the FMA and integer pipes instead of the MUFU unit (prototype
+// variants with kPoly): x = j + f with j = round(x) (the 1.5·2²³ trick) and f ∈ [−½, ½];
+// 2^f by a cubic with the constant term 1 (fitted here for relative error on [−½, ½]:
+// at most 1.01e-4, exactly 1 at x = 0, as MUFU.EX2 is), then j added to the exponent field
+// (the magic's bits vanish in the shift: 0x4B400000 << 23 = 0 in 32 bits). 8 instructions
+// against one MUFU.EX2, which holds the unit for 8 cycles per warp; P is rounded to 1/127.
+__device__ __forceinline__ float ex2_poly(float x) {
+  x = fmaxf(x, -126.f);
+  const float t = x + kMagicF;
+  const float f = x - (t - kMagicF);
+  const float p = fmaf(fmaf(fmaf(5.500869080e-02f, f, 2.422106266e-01f), f, 6.932829022e-01f),
+                       f, 1.0f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
 // round(127·p) of four p ∈ [0, 1] as bytes 0..3 (the Triton kernel's _ROUND_I8X4).
 __device__ __forceinline__ uint32_t round_i8x4(float p0, float p1, float p2, float p3) {
   uint32_t r;
@@ -198,10 +211,13 @@ __device__ __forceinline__ void wgmma_rs(int (&d)[64], uint32_t a0, uint32_t a1,
 // the first input of each group waits for the last exponential of the group before it (an
 // FMA with 0·p, exact for finite p), so that ptxas cannot issue all 64 MUFU.EX2 back to back
 // (it does otherwise, and the warp then issues nothing else for ~512 cycles).
-template <bool kMasked, int kChain = 0>
+// kExp = kChain + 100·kPoly; kPoly > 0 (prototype variants x00000): every kPoly-th
+// exponential by ex2_poly on the FMA pipe, the rest on the MUFU unit.
+template <bool kMasked, int kExp = 0>
 __device__ __forceinline__ void softmax_block(int (&S)[64], float sc, int col0, int Lk,
                                               float (&m)[2], float (&l)[2], float (&alpha)[2],
                                               float (&rs)[2]) {
+  constexpr int kChain = kExp % 100, kPoly = kExp / 100;
   if (kMasked) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
@@ -233,7 +249,12 @@ __device__ __forceinline__ void softmax_block(int (&S)[64], float sc, int col0, 
     if constexpr (kChain > 0) {
       if (i % kChain == 0 && i > 0) x = fmaf(last, 0.f, x);
     }
-    float pv = ex2(x);
+    float pv;
+    if constexpr (kPoly > 0) {
+      pv = i % kPoly == kPoly - 1 ? ex2_poly(x) : ex2(x);
+    } else {
+      pv = ex2(x);
+    }
     if constexpr (kChain > 0) {
       if (i % kChain == kChain - 1) last = pv;
     }
@@ -550,15 +571,16 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 }  // namespace attn_sm90
 
 // out [B, Lq, H, 128] (bf16 if !fp16, else fp16) from the pre-pass's operands. variant:
-// 10000·kDefer (O_j added during the next block's softmax) + 1000·exponential group (kChain,
-// 0 = none) + 100·ablation (prototypes: 1 no softmax, 2 no
-// accumulation, 9 timeline) + 10·stages + ping-pong (0: none; 1: the turn passes when a
-// warpgroup has issued its products; 2: when they have completed). The library builds
-// kAttnSm90Variant (attn_int8_sm90.h);
-// prototypes (LX2V_ATTN_STANDALONE) build the list below or LX2V_ATTN_VARIANTS.
+// 100000·kPoly (every kPoly-th exponential on the FMA pipe, 0 = none) + 10000·kDefer (O_j
+// added during the next block's softmax) + 1000·exponential group (kChain, 0 = none) +
+// 100·ablation (prototypes: 1 no softmax, 2 no accumulation, 9 timeline) + 10·stages +
+// ping-pong (0: none; 1: the turn passes when a warpgroup has issued its products; 2: when
+// they have completed). The library builds kAttnSm90Variant (attn_int8_sm90.h); prototypes
+// (LX2V_ATTN_STANDALONE) build the list below or LX2V_ATTN_VARIANTS.
 #ifdef LX2V_ATTN_STANDALONE
 #ifndef LX2V_ATTN_VARIANTS
-#define LX2V_ATTN_VARIANTS X(32) X(4032) X(10032) X(14032) X(10042) X(10031) X(932) X(10932)
+#define LX2V_ATTN_VARIANTS \
+  X(10031) X(210031) X(410031) X(810031) X(10032) X(10932) X(410932)
 #endif
 #else
 #define LX2V_ATTN_VARIANTS X(kAttnSm90Variant)
@@ -566,7 +588,8 @@ cudaError_t launch_t(const Params& p, int BH, cudaStream_t stream) {
 cudaError_t attn_int8_sm90(const AttnInt8Params& p, int BH, bool fp16, int variant,
                            cudaStream_t stream) {
   using namespace attn_sm90;
-#define LX2V_ARGS(V) V / 10 % 10, V % 10, V / 100 % 10, V / 1000 % 10, V / 10000
+#define LX2V_ARGS(V) \
+  V / 10 % 10, V % 10, V / 100 % 10, V / 1000 % 10 + 100 * (V / 100000 % 10), V / 10000 % 10
 #ifdef LX2V_ATTN_STANDALONE  // prototypes: bf16 only, for a shorter build
 #define X(V) \
   case V:    \

@@ -1,6 +1,6 @@
 """Prototype check of csrc/attn_int8_sm90.cu against the Triton INT8 P·V kernel (GPU only).
 
-    python3 tools/proto_attn_sm90.py [--variants 32,10032] [--seconds 4] [--trace 932|10932]
+    python3 tools/proto_attn_sm90.py [--variants 10031,410031] [--seconds 4] [--trace 10932|410932]
 
 Builds the .cu alone with torch.utils.cpp_extension.load, runs the Triton pre-pass in the
 kernel's layout (checked against the torch relayout), checks outputs against the Triton
@@ -196,7 +196,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--variants",
-        default="32,4032,10032,14032,10042,10031",
+        default="10031,210031,410031,810031,10032",
         help="see attn_int8_sm90 in csrc/attn_int8_sm90.cu",
     )
     ap.add_argument("--seconds", type=float, default=3.0)
