@@ -162,7 +162,7 @@ __device__ __forceinline__ float ex2_poly(float x) {
   const float f = x - (t - kMagicF);
   const float p = fmaf(fmaf(fmaf(5.500869080e-02f, f, 2.422106266e-01f), f, 6.932829022e-01f),
                        f, 1.0f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));  // unsigned: no UB
 }
 
 // round(127·p) of four p ∈ [0, 1] as bytes 0..3 (the Triton kernel's _ROUND_I8X4).
