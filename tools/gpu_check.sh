@@ -9,8 +9,11 @@
 #   tools/gpu_check.sh final      build + csrc, GEMM and fused-op GPU tests; csrc, GEMM and
 #                                 one-block benchmarks; `lx2v run --preset fp8`
 #                                 (GEMM_TUNE=1: the GEMM config sweep first)
-#   tools/gpu_check.sh attention  attention GPU tests; the attention benchmark with the kernel
-#                                 sweep and case (c) (~5 min on an H200)
+#   tools/gpu_check.sh attention  build (the CUDA kernel is in lightx2v._C_sm90: nvidia-cutlass
+#                                 installed) + attention GPU tests; the attention benchmark
+#                                 with the kernel sweep and case (c) (~7 min on an H200)
+#   tools/gpu_check.sh attn-proto the CUDA attention kernel's prototype variants against the
+#                                 library's (tools/proto_attn_sm90.py; ~3 min), then its timeline
 #   tools/gpu_check.sh profile    build + Nsight Compute (ncu) on the csrc adaLN → FP8 kernel
 #                                 and the INT8 attention main kernel: where they wait
 #                                 (needs a Firecracker machine; ncu cannot read counters on gVisor)
@@ -58,6 +61,7 @@ kernels)
     step info 60 python3 -m lightx2v.cli info
     step test_csrc 240 python3 -m pytest -q -m cuda tests/test_csrc_cuda.py -rs
     step test_kernels 240 python3 -m pytest -q -m cuda tests/test_kernels_cuda.py -rs
+    build
     step test_attention 280 python3 -m pytest -q -m cuda tests/test_attention_cuda.py -rs
     step bench_csrc 120 python3 tools/bench_csrc.py --out "$OUT/csrc.json"
     step bench_block 240 python3 tools/bench_block.py --json "$OUT/block.json"
@@ -82,8 +86,15 @@ attention)
     # --target first and the CUTLASS DSL libraries tarball unpacked over them afterwards
     # (pip --upgrade replaces the directory the tarball fills), plus
     # PYTHONPATH+=:<target>/nvidia_cutlass_dsl/dsl_packages (its .pth is not read there).
+    build
     step test_attention 280 python3 -m pytest -q -m cuda tests/test_attention_cuda.py -rs
     step bench_attention 560 python3 tools/bench_attention.py --sweep --captured --json "$OUT/attention.json"
+    ;;
+attn-proto)
+    export PROTO_BUILD="$OUT/proto_build"
+    mkdir -p "$PROTO_BUILD"
+    step proto_variants 420 python3 tools/proto_attn_sm90.py --seconds 2
+    step proto_trace 120 python3 tools/proto_attn_sm90.py --trace 410932
     ;;
 profile)
     build
@@ -119,7 +130,7 @@ e2e)
     step bench_vae 300 python3 tools/bench_vae.py --max-vram 8 --out "$OUT/vae.json"
     ;;
 *)
-    sed -n '2,19p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
