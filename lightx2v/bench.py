@@ -78,7 +78,7 @@ def default_rows() -> list[BenchRow]:
     4-step distilled; block offload. Ordered so each transformation is applied once, with
     one exception: where lightx2v._C_sm90 has the CUDA attention kernel, the FP8 rows use it
     and the bf16 + 8-bit row keeps the Triton kernel (its preset's), so the step from that
-    row to FP8 also changes the attention kernel (same arithmetic, 3-6% faster)."""
+    row to FP8 also changes the attention kernel (same arithmetic, 3-5% faster)."""
     attn8 = attention_8bit()
     return [
         BenchRow("diffusers bf16 (baseline)", impl="diffusers", compile=False),
