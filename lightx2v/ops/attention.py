@@ -26,8 +26,8 @@ with `set_attention_backend`:
   installed: k smoothed (its per-channel mean over tokens subtracted, as our kernels do), then
   q, k, v to FP8 e4m3 with one scale per batch element and head (amax/448), in the wrapper
   and so in its timings; one kernel call per batch element. Measured on an H200 (flashinfer
-  0.7.2.post1): 5.3-5.6% rel-L2 against fp32 (cosine 0.9985), over the 3% gate, so "auto"
-  rejects it; 759 TFLOP/s with its quantisation at S = 32760 (the kernel alone 865). The
+  0.7.2.post1): 5.3-5.6% rel-L2 against fp32 (cosine 0.9985), over the 3% gate, so it is
+  not one of "auto"'s candidates (its self-check rejects it too); 759 TFLOP/s with its quantisation at S = 32760 (the kernel alone 865). The
   kernel is JIT-compiled by flashinfer at first use (minutes) unless its module is prebuilt
   (tools/flashinfer_check.sh).
 - "auto": the fastest of those that pass a one-time self-check on this GPU (accuracy
