@@ -471,16 +471,13 @@ def sm90_relayout(z: dict) -> dict:
                 vt8=_swizzle_rows(vt.contiguous()).reshape(BH, D, Lk_pad))  # fmt: skip
 
 
-def attention_int8_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attention_int8_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """INT8 Q·Kᵀ and P·V by the warp-specialised CUDA kernel (lightx2v._C_sm90, H100/H200):
     the pre-pass of `attention_int8(pv="int8")` in the "sm90" layout, then
-    torch.ops.lx2v_C.attn_int8_sm90. Same arguments and result as `attention_int8`."""
+    torch.ops.lx2v_C.attn_int8_sm90. Called by `attention_int8(pv="int8-ws")` once it has
+    checked the shapes."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    if D != 128 or k.shape[-1] != D or v.shape[-1] != D:
-        raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
-    if Lk == 0 or Lq == 0:
-        raise ValueError("lx2v-int8 attention needs non-empty q and k")
     from lightx2v.ops.gemm import _sm90_module_status  # imports lightx2v._C and _C_sm90
 
     ok, why = _sm90_module_status()
@@ -507,19 +504,19 @@ def attention_int8(
     """softmax(q·kᵀ/√D)·v over [B, L, H, D] tensors (bf16/fp16, D = 128); returns a new
     contiguous [B, Lq, H, D] tensor of q's dtype. Q·Kᵀ in INT8; P·V in `pv`: "bf16" (v's
     own 16-bit type), "fp8" or "int8" (or "int8-ws": INT8 by the CUDA kernel,
-    `attention_int8_ws`)."""
-    if pv == "int8-ws":
-        if config is not None or two_level is not None:
-            raise ValueError("lx2v-int8 attention: pv 'int8-ws' (the CUDA kernel) takes no config")
-        return attention_int8_ws(q, k, v)
+    `_attention_int8_ws`)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    if pv not in PV_MODES:
+    if pv not in PV_MODES and pv != "int8-ws":
         raise ValueError(f"lx2v-int8 attention: pv must be one of {sorted(PV_MODES)}, got {pv!r}")
     if D != 128 or k.shape[-1] != D or v.shape[-1] != D:
         raise ValueError(f"lx2v-int8 attention needs head dim 128, got {q.shape[-1]}")
     if Lk == 0 or Lq == 0:
         raise ValueError("lx2v-int8 attention needs non-empty q and k")
+    if pv == "int8-ws":
+        if config is not None or two_level is not None:
+            raise ValueError("lx2v-int8 attention: pv 'int8-ws' (the CUDA kernel) takes no config")
+        return _attention_int8_ws(q, k, v)
     # TMA needs a unit last stride and 16-byte aligned other strides and base
     q, k, v = (x if _tma_ok(x) else x.contiguous() for x in (q, k, v))
     # a 5th config entry, when given, caps registers per thread (ptxas .maxnreg)

@@ -94,17 +94,10 @@ def accuracy(A, fns: dict) -> dict:
     return res
 
 
-def _median_ms(fn, reps=10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[reps // 2]
+def _median_ms(fn) -> float:
+    from tools.bench_attention import time_ms  # ROOT is on sys.path
+
+    return time_ms(fn, (), min_time_s=0.0, min_reps=10)  # the median of 10 after a warm-up
 
 
 def split_timing(A, S=32760, H=40) -> dict:

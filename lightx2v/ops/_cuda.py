@@ -54,7 +54,7 @@ def _(out, out_scale, x, shift, scale, eps, affine=False):
     return None
 
 
-# The warp-specialised INT8 attention (kernels/attention.py, attention_int8_ws); its CUDA
+# The warp-specialised INT8 attention (kernels/attention.py, _attention_int8_ws); its CUDA
 # kernel comes with lightx2v._C_sm90.
 @torch.library.register_fake("lx2v_C::attn_int8_sm90")
 def _(out, q8, qs, k8, ks, vt8, vmean, vscale, Lk):
