@@ -36,10 +36,13 @@
 // turn passed on issue, each block's P·V product added into fp32 during the next block's
 // softmax) runs the main kernel at 789-802 TFLOP/s against the Triton kernel's 753-758;
 // 750-787 with the pre-pass, against 730-746. Its timeline (10932): 2 623 cycles per key
-// block, 1 316 of them in the softmax. Prepared, not yet run on a GPU: 210031 / 410031 /
-// 810031 compute every 2nd / 4th / 8th exponential on the FMA pipe (ex2_poly); in the SASS
-// the main loop grows from 703 instructions to 934 / 816 / 765 and the longest run of
-// back-to-back MUFU.EX2 drops from 41 to 1 / 26 / 22, with no spills in the loop.
+// block, 1 316 of them in the softmax. Variants 210031 / 410031 / 810031 compute every
+// 2nd / 4th / 8th exponential on the FMA pipe (ex2_poly; in the SASS the main loop grows
+// from 703 instructions to 934 / 816 / 765 and the longest run of back-to-back MUFU.EX2
+// drops from 41 to 1 / 26 / 22): all slower, 692 / 685 / 750 TFLOP/s against 791 for 10031
+// in the same run (S = 32760, B = 1; 2026-11-28, sixth session). The softmax warpgroups
+// are not waiting on the MUFU unit; the extra FMA-pipe instructions cost more than they
+// free. The variants stay for the record (tools/proto_attn_sm90.py builds them).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
