@@ -7,8 +7,11 @@ same weights and inputs. Encode (umT5-XXL, CLIP ViT-H/14, VAE encode of the I2V
 condition) and VAE decode are measured once per size with random weights at their real
 configurations. Each row reports:
 
-    s/forward        median of timed calls, batch 1 (one of cond/uncond)
-    s/step           2 × s/forward with CFG (cond + uncond), 1 × without
+    s/forward        median of timed calls, batch 1 (one of cond/uncond); in the row with
+                     CFG as one batch of 2 (`lx2v run`'s default), half a measured step
+    s/step           2 × s/forward with CFG (cond + uncond, one after the other, as
+                     diffusers' pipeline runs them), 1 × without; the batched-CFG row's
+                     is one measured forward of batch 2
     projected s/video  encode + steps × (1 − TeaCache skip fraction) × s/step + decode
     peak GB          peak GPU memory allocated during the forward
 
@@ -48,6 +51,7 @@ class BenchRow:
     cfg: bool = True
     teacache_skip: float = 0.0  # stated fraction of steps TeaCache skips (projection)
     preset: str | None = None  # the `lx2v run --preset` that runs this configuration
+    batch: int = 1  # 2: cond and uncond timed as one batch (CFG batched, lx2v run's default)
     # measured
     s_per_forward: float | None = None
     first_call_s: float | None = None
@@ -85,6 +89,15 @@ def default_rows() -> list[BenchRow]:
         BenchRow("lx2v bf16 + sdpa", preset="bf16"),
         BenchRow("lx2v bf16 + 8-bit attention", attention=ATTN8, preset="bf16-int8attn"),
         BenchRow("lx2v FP8 + 8-bit attention", quant="fp8", attention=attn8, preset="fp8"),
+        # the same with cond and uncond as one batch of 2, as `lx2v run --preset fp8` runs
+        # them (the row above times one of the two, as diffusers' pipeline runs them)
+        BenchRow(
+            "lx2v FP8 + 8-bit attention, CFG as one batch of 2",
+            quant="fp8",
+            attention=attn8,
+            preset="fp8",
+            batch=2,
+        ),  # fmt: skip
         BenchRow(
             "lx2v FP8 + 8-bit attention + TeaCache",
             quant="fp8",
@@ -152,7 +165,7 @@ def annotate_targets(rows: list[BenchRow], card: str) -> None:
             continue
         same = [o for o in rows if o.size == r.size and o.s_per_forward]
         base = next((o for o in same if o.impl == "diffusers"), None)
-        resident = next((o for o in same if o.preset == "fp8"), None)
+        resident = next((o for o in same if o.preset == "fp8" and o.batch == 1), None)
         values = {
             "s_per_forward": r.s_per_forward,
             "s_per_video": r.s_per_video,
@@ -357,7 +370,8 @@ def encode_decode_seconds(width: int, height: int, frames: int, device, log=prin
 
 def _config_key(row: BenchRow) -> tuple:
     """What a row's forward depends on (rows that differ only in steps/CFG share it)."""
-    return (row.impl, row.quant, row.attention, row.compile, row.offload, row.max_vram)
+    return (row.impl, row.quant, row.attention, row.compile, row.offload, row.max_vram,
+            row.batch)  # fmt: skip
 
 
 def _measure(row, fn, size, stages, measured, repeat, dev, t_start, budget_s, log) -> None:
@@ -380,8 +394,11 @@ def _measure(row, fn, size, stages, measured, repeat, dev, t_start, budget_s, lo
         peak = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
         measured[key] = (sec, first, peak)
     sec, first, row.peak_gb = measured[key]
-    row.s_per_forward, row.first_call_s = sec, first
-    row.s_per_step = sec * (2 if row.cfg else 1)
+    row.first_call_s = first
+    if row.batch == 2:  # one call is the whole CFG step; per forward = per sample
+        row.s_per_forward, row.s_per_step = sec / 2, sec
+    else:
+        row.s_per_forward, row.s_per_step = sec, sec * (2 if row.cfg else 1)
     steps = row.steps * (1 - row.teacache_skip)
     row.s_per_video = stages["encode"] + steps * row.s_per_step + stages["vae_decode"]
     log(f"{row.name} [{size}]: {sec:.3f} s/forward, first {first:.1f} s, "
@@ -411,6 +428,9 @@ def run_bench(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LX2VError("lx2v bench needs a CUDA GPU (or --device cpu with --arch tiny)")
+    for r in rows or []:
+        if r.batch not in (1, 2) or (r.batch == 2 and (not r.cfg or r.impl != "lx2v")):
+            raise LX2VError(f"bench row {r.name!r}: batch {r.batch} (1, or 2 for lx2v CFG rows)")
     results: list[BenchRow] = []
     for size in sizes:
         width, height = SIZES[size]
@@ -419,6 +439,7 @@ def run_bench(
         else:  # a tiny dry run: the real encoders would not fit a small machine
             stages = {"encode": 0.0, "vae_decode": 0.0}
         x, t, ctx, clip, y = dit_inputs(arch, frames, height, width, dev)
+        batched = dit_inputs(arch, frames, height, width, dev, batch=2)  # CFG as one batch
         template = rows or default_rows()
         size_rows = [BenchRow(**{**asdict(r), "size": size}) for r in template]
         ref = diffusers_dit(arch, dev)
@@ -445,7 +466,7 @@ def run_bench(
             act_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
             ours.cast(act_dtype).eval()
             del state
-            quantized, offloaded = False, ("none", None)
+            quantized, offloaded = False, ("none", None, 1)
             for row in [r for r in size_rows if r.impl == "lx2v"]:
                 if row.quant == "bf16" and quantized:
                     row.note = "skipped: model already quantized (order the rows bf16 first)"
@@ -456,7 +477,7 @@ def run_bench(
                     quantize_dit(ours, row.quant)
                     quantized = True
                     gc.collect()
-                if (row.offload, row.max_vram) != offloaded:
+                if (row.offload, row.max_vram, row.batch) != offloaded:
                     from lightx2v.runtime.offload import (
                         _tokens,
                         apply_offload,
@@ -466,17 +487,16 @@ def run_bench(
 
                     remove_offload(ours)  # (no-op when nothing is offloaded)
                     apply_offload(ours, row.offload, dev, max_vram_gb=row.max_vram)
-                    offloaded = (row.offload, row.max_vram)
+                    offloaded = (row.offload, row.max_vram, row.batch)
                     off = offloader_of(ours)
                     if row.offload == "auto" and off is not None:
                         # what lx2v run's runner does before the first step: pick the
-                        # resident set under the budget, here for the batch the bench
-                        # times (1, like every peak in the table: `--cfg-sequential`;
-                        # batched CFG plans for 2 and keeps fewer blocks)
-                        off.plan(ours.arch, x.shape[0], _tokens(ours, x))
+                        # resident set under the budget, for the batch the row times (1:
+                        # as `--cfg-sequential`; batched CFG plans for 2, fewer blocks)
+                        off.plan(ours.arch, row.batch, _tokens(ours, x))
                         row.note = (
                             f"{len(off.resident_blocks)} of {len(ours.blocks)} blocks "
-                            f"resident (batch {x.shape[0]})"
+                            f"resident (batch {row.batch})"
                         )
                 try:
                     set_attention_backend(row.attention)
@@ -496,7 +516,8 @@ def run_bench(
                     torch._dynamo.reset()
                     ours.blocks_compiled = False
                     compile_blocks(ours)
-                _measure(row, partial(ours, x, t, ctx, clip, y), *ctx_)
+                inputs = batched if row.batch == 2 else (x, t, ctx, clip, y)
+                _measure(row, partial(ours, *inputs), *ctx_)
             set_attention_backend("sdpa")
             del ours
             gc.collect()
@@ -521,6 +542,7 @@ def markdown_table(rows: list[BenchRow], header: str) -> str:
         steps = (
             f"{r.steps} steps"
             + (", CFG" if r.cfg else "")
+            + (" as one batch of 2" if r.batch == 2 else "")
             + (f", {r.teacache_skip:.0%} skipped (stated)" if r.teacache_skip else "")
         )
         lines.append(

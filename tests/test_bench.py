@@ -21,6 +21,10 @@ def test_bench_dry_run(tmp_path, capsys):
     fp8 = by["lx2v FP8 + 8-bit attention"]
     # the TeaCache row projects 60% of the FP8 row's steps (a stated 40% skip)
     assert abs(tea["s_per_video"] - 0.6 * fp8["s_per_video"]) < 1e-9
+    # CFG as one batch of 2: one measured call is the step, s/forward is half of it
+    b2 = by["lx2v FP8 + 8-bit attention, CFG as one batch of 2"]
+    assert b2["batch"] == 2 and b2["s_per_step"] == 2 * b2["s_per_forward"]
+    assert b2["s_per_step"] != fp8["s_per_step"]  # its own measurement, not the B1 row's
     # LightX2V's RTX 4090 row: FP8 under a 24 GB budget (offload auto), after the block
     # offload row on the same model (the offload is swapped between the two)
     r4090 = next(r for r in rows if r["preset"] == "rtx4090")
@@ -132,3 +136,37 @@ def test_dry_run_uses_sdpa_where_the_8bit_kernel_cannot_run(monkeypatch):
     finally:
         A.set_attention_backend("sdpa")
     assert out.s_per_forward and "sdpa used" in out.note, out.note
+
+
+def test_batched_cfg_row_times_a_batch_of_two(monkeypatch):
+    """The batch-2 row times the model on cond + uncond as one batch; the others on one."""
+    from lightx2v import bench
+    from lightx2v.models.wan.tiny import tiny_arch
+
+    seen = {}
+    real_timed = bench.timed
+
+    def spy(fn, repeat, device):
+        if isinstance(fn, bench.partial) and fn.args:
+            seen.setdefault(fn.args[0].shape[0], 0)
+            seen[fn.args[0].shape[0]] += 1
+        return real_timed(fn, repeat, device)
+
+    monkeypatch.setattr(bench, "timed", spy)
+    rows = [bench.BenchRow("b1", compile=False), bench.BenchRow("b2", compile=False, batch=2)]
+    out = {r.name: r for r in bench.run_bench(["480p"], rows=rows, arch_name=tiny_arch("i2v"),
+           frames=5, repeat=1, device="cpu", real_stages=False, log=lambda m: None)}  # fmt: skip
+    assert seen == {1: 1, 2: 1}, seen
+    assert out["b2"].s_per_step == 2 * out["b2"].s_per_forward
+    assert out["b1"].s_per_step == 2 * out["b1"].s_per_forward
+
+
+def test_bad_batch_is_one_clear_error():
+    import pytest
+
+    from lightx2v import bench
+    from lightx2v.errors import LX2VError
+
+    for row in (bench.BenchRow("x", batch=3), bench.BenchRow("x", batch=2, cfg=False)):
+        with pytest.raises(LX2VError, match="batch"):
+            bench.run_bench(["480p"], rows=[row], device="cpu", real_stages=False)
