@@ -1,7 +1,7 @@
 """Kernel-level profile of one compiled 14B I2V FP8 block at 480P: where the time goes.
 
     PYTHONPATH=. python3 tools/profile_block.py [--no-norm-fp8] [--deferred]
-        [--pairs-compiled | --norm-in-graph] [--eager]
+        [--pairs-compiled | --norm-in-graph] [--eager] [--attention NAME] [--batch 2]
 
 Prints the CUDA kernels of 5 calls of the block under torch.compile(fullgraph=True), by
 total time per call (torch.profiler), then the block's median time.
@@ -19,10 +19,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightx2v.bench import SIZES, dit_inputs, random_dit  # noqa: E402
+from lightx2v.bench import SIZES, attention_8bit, dit_inputs, random_dit  # noqa: E402
 from lightx2v.config import ARCH_PRESETS  # noqa: E402
 from lightx2v.models.wan import dit  # noqa: E402
 from lightx2v.ops import dispatch  # noqa: E402
+from lightx2v.ops.attention import _active as attention_active  # noqa: E402
+from lightx2v.ops.attention import set_attention_backend  # noqa: E402
 from lightx2v.quant.linear import quantize_dit  # noqa: E402
 
 
@@ -40,13 +42,17 @@ def main() -> None:
     ap.add_argument("--norm-in-graph", action="store_true",
                     help="the same with the csrc norm → FP8 ops kept in the graph as opaque ops")  # fmt: skip
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--attention", default=None,
+                    help="attention backend (default: the FP8 rows' 8-bit kernel, as lx2v bench)")  # fmt: skip
+    ap.add_argument("--batch", type=int, default=1, help="2: cond and uncond as one batch")
     args = ap.parse_args()
     dev = torch.device("cuda")
     arch = dataclasses.replace(ARCH_PRESETS["i2v-14b"], num_layers=1)
     w, h = SIZES["480p"]
     model = random_dit(arch, dev)
     quantize_dit(model, "fp8")
-    x, t, ctx, clip, y = dit_inputs(arch, 81, h, w, dev)
+    set_attention_backend(args.attention or attention_8bit())
+    x, t, ctx, clip, y = dit_inputs(arch, 81, h, w, dev, batch=args.batch)
     tokens, grid = model.patchify(torch.cat([x, y], 1))
     cos, sin = model.rope(grid, dev)
     _, e = model.embed_time(t)
@@ -77,7 +83,7 @@ def main() -> None:
     ]
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"# {vars(args)}: CUDA kernels {total:.2f} ms per call")
+    print(f"# {vars(args)}, attention {attention_active[0]}: CUDA kernels {total:.2f} ms per call")
     for ms, n, name in rows[: args.top]:
         print(f"{ms:8.3f} ms  x{n:<3} {name[:110]}")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
