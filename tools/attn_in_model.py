@@ -4,19 +4,19 @@
 
 One 14B I2V FP8 block at 480P (random weights, as tools/profile_block.py) runs once in
 eager with a spy that keeps its self-attention's q, k, v (all 40 heads). Then the attention
-backend is timed (CUDA events, median) in four settings, with the SM clock and board power
-sampled by nvidia-smi every 50 ms during each:
+backend is timed (CUDA events, median) in these settings, with the SM clock and board power
+sampled by nvidia-smi every 50 ms during each (after a warm-up call outside the sampling):
   random     random normal q, k, v of the same shape, back to back
   captured   the block's own q, k, v, back to back
   + GEMMs    the captured q, k, v, each call after ~15 ms of FP8 GEMMs at the FFN shapes
              (as in the block, where attention follows the projections)
+  GEMMs      those FP8 GEMMs alone
   block      the whole compiled block in a loop (its attention share is in profile_block)
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import subprocess
 import sys
@@ -29,14 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightx2v.bench import SIZES, attention_8bit, dit_inputs, random_dit  # noqa: E402
-from lightx2v.config import ARCH_PRESETS  # noqa: E402
+from lightx2v.bench import attention_8bit  # noqa: E402
 from lightx2v.ops import attention as A  # noqa: E402
-from lightx2v.quant.linear import quantize_dit  # noqa: E402
+from tools.profile_block import fp8_block  # noqa: E402
 
 
 class Sampler:
-    """nvidia-smi's SM clock (MHz) and power (W) every 50 ms while the block runs."""
+    """Median SM clock (MHz) and power (W) from nvidia-smi every 50 ms inside the `with`
+    (the first three samples, taken before the work starts, are dropped)."""
 
     def __enter__(self):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
@@ -58,9 +58,8 @@ class Sampler:
 
 
 def loop_ms(fn, seconds: float, before=None) -> float:
-    """Median ms of fn (CUDA events) over `seconds`; `before` runs untimed before each call."""
-    fn()
-    torch.cuda.synchronize()
+    """Median ms of fn (CUDA events) over `seconds`; `before` runs untimed before each call
+    (the caller warms fn up first)."""
     times, t0 = [], time.perf_counter()
     while time.perf_counter() - t0 < seconds or len(times) < 5:
         if before is not None:
@@ -84,16 +83,7 @@ def main() -> None:
     name = args.attention or attention_8bit()
     A.set_attention_backend(name)
     attn = A._BACKENDS[name]
-    arch = dataclasses.replace(ARCH_PRESETS["i2v-14b"], num_layers=1)
-    w, h = SIZES["480p"]
-    model = random_dit(arch, dev)
-    quantize_dit(model, "fp8")
-    x, t, ctx, clip, y = dit_inputs(arch, 81, h, w, dev)
-    tokens, grid = model.patchify(torch.cat([x, y], 1))
-    cos, sin = model.rope(grid, dev)
-    _, e = model.embed_time(t)
-    block = model.blocks[0]
-    kv = block.cross_attn.kv(*model.embed_context(ctx, clip))
+    block, (tokens, e, cos, sin, kv) = fp8_block(dev)
 
     got = []
 
@@ -136,6 +126,8 @@ def main() -> None:
     print("| case | ms | TFLOP/s (attention) | SM clock MHz | power W |")
     print("|---|---|---|---|---|")
     for label, fn, before in cases:
+        fn()  # warm-up (the compiled block compiles here), outside the sampling
+        torch.cuda.synchronize()
         with Sampler() as smp:
             ms = loop_ms(fn, args.seconds, before)
         tf = (

@@ -29,6 +29,22 @@ from lightx2v.quant.linear import quantize_dit  # noqa: E402
 
 
 @torch.no_grad()
+def fp8_block(dev: torch.device, batch: int = 1):
+    """Block 0 of the 14B I2V DiT (random weights, FP8 linears) and its inputs at 480P, 81
+    frames: (block, (tokens, e, cos, sin, cross-attention k/v))."""
+    arch = dataclasses.replace(ARCH_PRESETS["i2v-14b"], num_layers=1)
+    w, h = SIZES["480p"]
+    model = random_dit(arch, dev)
+    quantize_dit(model, "fp8")
+    x, t, ctx, clip, y = dit_inputs(arch, 81, h, w, dev, batch=batch)
+    tokens, grid = model.patchify(torch.cat([x, y], 1))
+    cos, sin = model.rope(grid, dev)
+    _, e = model.embed_time(t)
+    block = model.blocks[0]
+    return block, (tokens, e, cos, sin, block.cross_attn.kv(*model.embed_context(ctx, clip)))
+
+
+@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-norm-fp8", action="store_true", help="norms write bf16 (before)")
@@ -46,18 +62,8 @@ def main() -> None:
                     help="attention backend (default: the FP8 rows' 8-bit kernel, as lx2v bench)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=1, help="2: cond and uncond as one batch")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    arch = dataclasses.replace(ARCH_PRESETS["i2v-14b"], num_layers=1)
-    w, h = SIZES["480p"]
-    model = random_dit(arch, dev)
-    quantize_dit(model, "fp8")
     set_attention_backend(args.attention or attention_8bit())
-    x, t, ctx, clip, y = dit_inputs(arch, 81, h, w, dev, batch=args.batch)
-    tokens, grid = model.patchify(torch.cat([x, y], 1))
-    cos, sin = model.rope(grid, dev)
-    _, e = model.embed_time(t)
-    block = model.blocks[0]
-    kv = block.cross_attn.kv(*model.embed_context(ctx, clip))
+    block, (tokens, e, cos, sin, kv) = fp8_block(torch.device("cuda"), args.batch)
     if args.no_norm_fp8:
         dit.fp8_input = lambda linear: False
     if args.pairs_compiled or args.norm_in_graph:
