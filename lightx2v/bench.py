@@ -122,6 +122,7 @@ def default_rows() -> list[BenchRow]:
         ),  # fmt: skip
         # LightX2V's RTX 4090 rows: the same run under a 24 GB budget (offload auto keeps
         # what fits resident). Memory is comparable with a 4090's; the time is this GPU's.
+        # Batch 1, as the preset runs CFG (one after the other, like low-vram's).
         BenchRow(
             "lx2v FP8 + 8-bit attention, --max-vram 24 (RTX 4090 memory)",
             quant="fp8",

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(RUN_PRESETS),
         help="a named speed/memory configuration (the rows of `lx2v bench`): bf16, bf16-int8attn, "
         "fp8 (FP8 weights + 8-bit attention), fp8-teacache, distill (4-step distilled models), "
-        "low-vram (block offload), rtx4090 (fits 24 GB); other flags override it",
+        "low-vram (block offload), rtx4090 (fits 24 GB); the last two run CFG one after the "
+        "other; other flags override it",
     )
     r.add_argument("--prompt", help="text prompt")
     r.add_argument("--negative-prompt", help="negative prompt (default: the official Wan2.1 one)")
@@ -130,10 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "bf16", "fp32"],
         help="DiT precision (auto: bf16 on GPU, fp32 on CPU)",
     )
-    r.add_argument(
+    cfg_mode = r.add_mutually_exclusive_group()
+    cfg_mode.add_argument(
         "--cfg-sequential",
         action="store_true",
-        help="run cond and uncond one after the other (less memory) instead of as a batch of 2",
+        help="run cond and uncond one after the other (less memory) instead of as a batch of 2 "
+        "(the low-vram and rtx4090 presets do)",
+    )
+    cfg_mode.add_argument(
+        "--cfg-batched",
+        action="store_true",
+        help="run cond and uncond as one batch of 2 (the default, except in the low-vram and "
+        "rtx4090 presets)",
     )
     r.add_argument(
         "--compile",
@@ -327,8 +336,8 @@ def _prepare_run(args):
         rt.device = args.device
     if args.dtype:
         rt.dtype = args.dtype
-    if args.cfg_sequential:
-        rt.cfg_batch = False
+    if args.cfg_sequential or args.cfg_batched:
+        rt.cfg_batch = args.cfg_batched
     if args.vae_tiling is not None:
         rt.vae_tiling = args.vae_tiling
     if args.compile is not None:

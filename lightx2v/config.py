@@ -254,9 +254,22 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "runtime": {"quant": "fp8", "attention": "auto"},
         "request": {"sampler": "distill4"},
     },
-    "low-vram": {"runtime": {"quant": "fp8", "attention": "auto", "offload": "block"}},
+    # The two memory presets run cond and uncond one after the other, as `lx2v bench` times
+    # them: one batch of 2 holds twice the activations (480P FP8: 23.7 GB peak against 20.5
+    # at batch 1), keeps fewer blocks resident under a --max-vram budget, and was no faster at
+    # 480P (1.6% slower; 1.4% faster at 720P; H200, docs/BENCHMARKS.md). --cfg-batched
+    # overrides it.
+    "low-vram": {
+        "runtime": {"quant": "fp8", "attention": "auto", "offload": "block", "cfg_batch": False}
+    },
     "rtx4090": {
-        "runtime": {"quant": "fp8", "attention": "auto", "offload": "auto", "max_vram": 24}
+        "runtime": {
+            "quant": "fp8",
+            "attention": "auto",
+            "offload": "auto",
+            "max_vram": 24,
+            "cfg_batch": False,
+        }
     },
 }
 

@@ -258,6 +258,25 @@ def test_preset_sets_runtime(tiny_ckpts, tmp_path, capsys):
         assert "lx2v-int8" in capsys.readouterr().err
 
 
+def test_memory_presets_run_cfg_sequentially_unless_told(tiny_ckpts, tmp_path, capsys):
+    """low-vram and rtx4090 run cond and uncond one after the other (as `lx2v bench` times
+    them); --cfg-batched overrides the preset, and it cannot be given with --cfg-sequential."""
+    from lightx2v.cli import _prepare_run, build_parser
+
+    def cfg_batch(*flags):
+        argv = ["run", "--model", str(tiny_ckpts["t2v", "official"]), "--size", "48x32",
+                "--frames", "5", "-o", str(tmp_path / "p.mp4"), *flags]  # fmt: skip
+        return _prepare_run(build_parser().parse_args(argv))[2].cfg_batch
+
+    assert cfg_batch() and cfg_batch("--preset", "fp8")
+    assert not cfg_batch("--preset", "low-vram") and not cfg_batch("--preset", "rtx4090")
+    assert cfg_batch("--preset", "rtx4090", "--cfg-batched")
+    assert not cfg_batch("--cfg-sequential")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--cfg-sequential", "--cfg-batched"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_written_files_get_normal_permissions(tmp_path):
     import os
     import stat
