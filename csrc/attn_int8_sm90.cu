@@ -378,6 +378,23 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
   // every block but the last: its softmax, then O_j and S_{j+1} in flight together
   const bool tr = kAblate == 9 && t == 0 && blockIdx.x == 7 && blockIdx.y == 0;
   int64_t* trc = tr ? p.trace + static_cast<int64_t>(cw) * nblk * 8 : nullptr;
+  // Both loops below: once V_j and K_{j+1} are in and the turn is ours, issue P_j·V_j and
+  // Q·K_{j+1} as two commit groups; the turn passes here when it passes on issue. (P_j comes
+  // in as an argument: the lambda is defined before the loops first write P.)
+  auto issue_pv_qk = [&](const int j, const int s, const int s1, const uint32_t (&Pj)[16]) {
+    mbar_wait(bars.full_v(s), (j / kStages) & 1);
+    mbar_wait(bars.full_k(s1), ((j + 1) / kStages) & 1);
+    if (tr) trc[8 * j + 2] = stamp(Pj[0], Pj[15]);
+    if (kPingPong) turn_wait(cw);
+    if (tr) trc[8 * j + 3] = stamp(Pj[0], Pj[15]);
+    wg_fence();
+    pv_issue(O, Pj, sV + s * kTile);
+    wg_commit();
+    qk_issue(S, dq, sK + s1 * kTile);
+    wg_commit();
+    if (tr) trc[8 * j + 4] = stamp(Pj[0], Pj[15]);
+    if (kPingPong == 1) turn_pass(cw);
+  };
   // kDefer: O_{j-1} is added into the accumulator during block j's softmax (filling the
   // gaps between its exponentials), not between issuing O_j and waiting for S_{j+1}. The
   // first block has no O pending: peeled off, so that the loop body is one basic block and
@@ -391,18 +408,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
     if constexpr (!kFirst) add_block(acc, O, ap, rp);
     pack_p(S, P);
     if (tr) trc[8 * j + 1] = stamp(P[0], __float_as_uint(acc[63]));
-    mbar_wait(bars.full_v(s), (j / kStages) & 1);
-    mbar_wait(bars.full_k(s1), ((j + 1) / kStages) & 1);
-    if (tr) trc[8 * j + 2] = stamp(P[0], P[15]);
-    if (kPingPong) turn_wait(cw);
-    if (tr) trc[8 * j + 3] = stamp(P[0], P[15]);
-    wg_fence();
-    pv_issue(O, P, sV + s * kTile);
-    wg_commit();
-    qk_issue(S, dq, sK + s1 * kTile);
-    wg_commit();
-    if (tr) trc[8 * j + 4] = stamp(P[0], P[15]);
-    if (kPingPong == 1) turn_pass(cw);
+    issue_pv_qk(j, s, s1, P);
     wg_wait<1>();
     pin(O);
     if (tr) trc[8 * j + 5] = stamp(O[0], O[63]);
@@ -429,18 +435,7 @@ __device__ __forceinline__ void consumer(const Params& p, const Bars& bars, int 
       pack_p(S, P);
     }
     if (tr) trc[8 * j + 1] = stamp(P[0], P[15]);
-    mbar_wait(bars.full_v(s), (j / kStages) & 1);
-    mbar_wait(bars.full_k(s1), ((j + 1) / kStages) & 1);
-    if (tr) trc[8 * j + 2] = stamp(P[0], P[15]);
-    if (kPingPong) turn_wait(cw);
-    if (tr) trc[8 * j + 3] = stamp(P[0], P[15]);
-    wg_fence();
-    pv_issue(O, P, sV + s * kTile);
-    wg_commit();
-    qk_issue(S, dq, sK + s1 * kTile);
-    wg_commit();
-    if (tr) trc[8 * j + 4] = stamp(P[0], P[15]);
-    if (kPingPong == 1) turn_pass(cw);
+    issue_pv_qk(j, s, s1, P);
     wg_wait<1>();
     pin(O);
     pin16(P);
