@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "attn_int8_sm90.h"
+#include "attn_int8_sm90_params.h"
 #include "check.h"
 #include "fp8_gemm.h"
 
@@ -292,21 +293,7 @@ void attn_int8_sm90_cuda(at::Tensor& out, const at::Tensor& q8, const at::Tensor
   check_attn_operand(ks, out, at::kFloat, {BH, Lk_pad / 128}, "ks");
   check_attn_operand(vmean, out, at::kFloat, {BH, 128}, "vmean");
   check_attn_operand(vscale, out, at::kFloat, {BH, 128}, "vscale");
-  AttnInt8Params p{};
-  p.q8 = q8.data_ptr<int8_t>();
-  p.k8 = k8.data_ptr<int8_t>();
-  p.vt8 = vt8.data_ptr<int8_t>();
-  p.qs = qs.data_ptr<float>();
-  p.ks = ks.data_ptr<float>();
-  p.vmean = vmean.data_ptr<float>();
-  p.vscale = vscale.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.Lq = static_cast<int>(Lq);
-  p.Lk = static_cast<int>(Lk);
-  p.Lq_pad = static_cast<int>(Lq_pad);
-  p.Lk_pad = static_cast<int>(Lk_pad);
-  p.H = static_cast<int>(H);
-  p.trace = nullptr;
+  const AttnInt8Params p = attn_int8_params(out, q8, qs, k8, ks, vt8, vmean, vscale, Lq, Lk, H);
   C10_CUDA_CHECK(attn_int8_sm90(p, static_cast<int>(BH), fp16, kAttnSm90Variant,
                                 c10::cuda::getCurrentCUDAStream()));
 }

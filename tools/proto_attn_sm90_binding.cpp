@@ -2,7 +2,7 @@
 // torch.utils.cpp_extension.load; the kernel file is compiled by nvcc without torch's
 // headers, this file by the host compiler). The library build registers
 // lx2v_C::attn_int8_sm90 instead (csrc/fp8_gemm_sm90_ops.cpp).
-#include "attn_int8_sm90.h"
+#include "attn_int8_sm90_params.h"
 
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,20 +10,7 @@
 void run(at::Tensor out, at::Tensor q8, at::Tensor qs, at::Tensor k8, at::Tensor ks, at::Tensor vt8,
          at::Tensor vmean, at::Tensor vscale, int64_t Lq, int64_t Lk, int64_t H, int64_t variant,
          c10::optional<at::Tensor> trace) {
-  lx2v::AttnInt8Params p{};
-  p.q8 = q8.data_ptr<int8_t>();
-  p.k8 = k8.data_ptr<int8_t>();
-  p.vt8 = vt8.data_ptr<int8_t>();
-  p.qs = qs.data_ptr<float>();
-  p.ks = ks.data_ptr<float>();
-  p.vmean = vmean.data_ptr<float>();
-  p.vscale = vscale.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.Lq = Lq;
-  p.Lk = Lk;
-  p.Lq_pad = q8.size(1);
-  p.Lk_pad = k8.size(1);
-  p.H = H;
+  lx2v::AttnInt8Params p = lx2v::attn_int8_params(out, q8, qs, k8, ks, vt8, vmean, vscale, Lq, Lk, H);
   p.trace = trace.has_value() ? trace->data_ptr<int64_t>() : nullptr;
   const int BH = q8.size(0);
   cudaError_t e = lx2v::attn_int8_sm90(p, BH, out.scalar_type() == at::kHalf, variant,
